@@ -1,0 +1,218 @@
+"""Command line: pick a recipe, call the library, render the result, set the exit code.
+
+The only module that prints, parses arguments or configures logging. Heavy libraries
+(torch, OpenVINO, optimum) are imported by the stages only when a build really runs,
+so `--help`, `--plan` and recipe errors answer in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConvertError
+
+EXIT_OK = 0
+EXIT_USAGE = 64  # argparse-level mistakes; stage errors use ConvertError.exit_code (2..8)
+
+log = logging.getLogger("convert")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.json)
+    try:
+        return int(args.func(args))
+    except ConvertError as e:
+        if args.verbose:
+            log.exception("failed")
+        if args.json:
+            print(json.dumps({"status": "error", "error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}))
+        _console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        _console(stderr=True).print("interrupted; nothing was published and no bundle was half-written")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdxl-convert", description="Convert SDXL pipelines to validated OpenVINO IR bundles from YAML recipes."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout (for CI)")
+    parser.add_argument("--artifacts", type=Path, default=None, help="output folder (default: artifacts/ of the project)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="run a recipe: resolve, fetch, patch, export, validate, package")
+    conv.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a .yaml file")
+    conv.add_argument("--plan", action="store_true", help="print the resolved plan and stop (no downloads)")
+    conv.add_argument("--force", action="store_true", help="rebuild even if a bundle with this build id verifies")
+    conv.add_argument("--publish", action="store_true", help="publish the bundle to the recipe's publish.repo")
+    conv.set_defaults(func=_cmd_convert)
+
+    verify = sub.add_parser("verify", help="check a bundle's files against its manifest")
+    verify.add_argument("bundle", type=Path)
+    verify.set_defaults(func=_cmd_verify)
+
+    schema = sub.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
+    schema.add_argument("--output", type=Path, default=None, help="default: recipe.schema.json in the project")
+    schema.set_defaults(func=_cmd_schema)
+
+    publish = sub.add_parser("publish", help="upload a validated bundle to the Hub in one commit")
+    publish.add_argument("bundle", type=Path)
+    publish.add_argument("--repo", default=None, help="target repo id (default: the bundle recipe's publish.repo)")
+    publish.add_argument("--dry-run", action="store_true", help="print what would be uploaded and stop")
+    publish.set_defaults(func=_cmd_publish)
+    return parser
+
+
+def _configure_logging(verbose: bool, as_json: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        for noisy in ("nncf", "optimum", "transformers", "diffusers", "torch", "openvino"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _workspace(args: argparse.Namespace) -> Any:
+    from convert.workspace import Workspace
+
+    default = Workspace.default()
+    return Workspace(artifacts=args.artifacts.resolve()) if args.artifacts else default
+
+
+def _recipe_path(name: str) -> Path:
+    from convert.recipe import find_recipe
+    from convert.workspace import recipe_search_dirs
+
+    return find_recipe(name, recipe_search_dirs())
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from convert import build as build_mod
+
+    workspace = _workspace(args)
+    path = _recipe_path(args.recipe)
+    if args.plan:
+        plan = build_mod.plan(path, workspace)
+        if args.json:
+            print(json.dumps(plan.to_json(), indent=2))
+        else:
+            _render_plan(plan)
+        return EXIT_OK
+    console = _console(stderr=True)
+    with console.status("starting", spinner="dots") as status:
+        def progress(message: str) -> None:
+            console.log(message, highlight=False)
+            status.update(message)
+
+        result = build_mod.build(path, workspace, force=args.force, progress=progress)
+    published = None
+    if args.publish:
+        published = _publish(result.bundle, None, dry_run=False)
+    if args.json:
+        print(json.dumps(result.to_json() | ({"published": published} if published else {}), indent=2))
+    else:
+        _render_result(result, published)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from convert.package import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    message = f"{bundle.path}: {len(bundle.files)} files verify (build {bundle.build_id})"
+    print(json.dumps({"status": "ok", "files": len(bundle.files), "build_id": bundle.build_id}) if args.json else message)
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from convert.recipe import json_schema
+    from convert.workspace import PROJECT_ROOT
+
+    output = args.output or PROJECT_ROOT / "recipe.schema.json"
+    output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    print(f"wrote {output}")
+    return EXIT_OK
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    result = _publish(args.bundle, args.repo, dry_run=args.dry_run)
+    print(json.dumps(result, indent=2) if args.json else _publish_line(result))
+    return EXIT_OK
+
+
+def _publish(bundle: Path, repo: str | None, dry_run: bool) -> dict[str, Any]:
+    from convert.publish import publish
+
+    return publish(bundle, repo=repo, dry_run=dry_run).to_json()
+
+
+def _publish_line(result: dict[str, Any]) -> str:
+    if result.get("dry_run"):
+        return f"would upload {len(result['files'])} files to {result['repo']}"
+    if not result.get("committed"):
+        return f"{result['repo']} already holds this bundle at {result['commit']} (no new commit)"
+    return f"published to {result['repo']} at {result['commit']} (tag {result['tag']})"
+
+
+def _render_plan(plan: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]Plan for {plan.recipe.name}[/] ({plan.recipe_path})")
+    sources = Table("role", "source", "commit", title="Sources")
+    for s in plan.sources:
+        sources.add_row(s.role, s.source, s.commit or f"[yellow]{s.note}[/]")
+    console.print(sources)
+    comps = Table("component", "weights", "runs at", "runtime options", title=f"Components (target {plan.recipe.target.device})")
+    for c in plan.components:
+        comps.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-",
+                      ", ".join(f"{k}={v}" for k, v in c.runtime_options.items()) or "-")
+    console.print(comps)
+    console.print("[bold]Validation checks[/]")
+    for line in plan.checks:
+        console.print(f"  - {line}", highlight=False)
+    console.print(f"[bold]Output[/] {plan.output}", highlight=False)
+
+
+def _render_result(result: Any, published: dict[str, Any] | None) -> None:
+    from rich.table import Table
+
+    console = _console()
+    headline = result.headline
+    table = Table("component", "weights", "runs at", title=f"{'Reused' if result.reused else 'Built'} {result.bundle}")
+    for c in result.components:
+        table.add_row(c["name"], c["weights"], ", ".join(c.get("inference_precision", [])) or "-")
+    console.print(table)
+    for precision in ("f16", "bf16", "f32"):
+        if precision in headline:
+            h = headline[precision]
+            orig = headline.get(f"original_vae_{precision}")
+            extra = f"; original VAE: {orig['non_finite']}/{orig['values']} non-finite" if orig else ""
+            console.print(f"validation {precision}: {h['non_finite']}/{h['values']} non-finite, "
+                          f"min PSNR {h['min_psnr_db']} dB{extra}", highlight=False)
+    if result.timings:
+        console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), highlight=False)
+    if published:
+        console.print(_publish_line(published), highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

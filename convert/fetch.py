@@ -1,0 +1,218 @@
+"""Stage 2: download exactly the files a build needs, pinned, verified, never pickled.
+
+The Hub client checks sizes, not hashes, and a snapshot folder in the cache can hold
+files of earlier downloads; so each source is presented to later stages as a fresh
+folder of links to just the selected, sha256-verified files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from convert.errors import FetchError
+from convert.resolve import ResolvedSource, SourceFile, file_sha256, hub_error
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: diffusers / transformers weight file stems; anything else (single-file checkpoints,
+#: LoRAs, `sdxl_vae.safetensors`) is not part of a diffusers pipeline and is never fetched.
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+CONFIG_NAMES = ("config.json", "scheduler_config.json", "model_index.json")
+TOKENIZER_NAMES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+#: diffusers folders of an SDXL pipeline; weights are fetched for those with weights.
+PIPELINE_FOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
+
+
+@dataclass(frozen=True)
+class FetchedSource:
+    role: str
+    path: Path  # folder holding only the selected files (component root when a subfolder was named)
+    commit: str
+    files: tuple[SourceFile, ...]
+    bytes_downloaded: int = 0
+
+
+def needed_folders(role: str, substituted: Iterable[str]) -> list[str] | None:
+    """Folders to fetch from a source: the base pipeline minus substituted weights; None = a single component."""
+    if role != "base":
+        return None
+    return list(PIPELINE_FOLDERS)
+
+
+def select_files(
+    files: Iterable[SourceFile],
+    *,
+    role: str,
+    folders: list[str] | None,
+    subfolder: str | None,
+    variant: str | None,
+    allow_pickle: bool,
+    skip_weights: Iterable[str] = (),
+) -> list[SourceFile]:
+    """The allow-list: configs, tokenizer files and one set of weights per component folder.
+
+    `folders` None means the source is one component (a standalone VAE repo) rooted at `subfolder`.
+    Components in `skip_weights` (substituted ones) keep their config (for the fit check) only.
+    """
+    by_path = {f.path: f for f in files}
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    chosen: list[SourceFile] = []
+    if folders is None:
+        groups = {prefix: [p for p in by_path if p.startswith(prefix) and "/" not in p[len(prefix):]]}
+    else:
+        if f"{prefix}model_index.json" not in by_path:
+            raise FetchError(
+                f"{role}: no model_index.json at {prefix or 'the root'}; this is not a diffusers pipeline",
+                hint="point the base at a diffusers-format repo/folder (a single-file checkpoint is not supported)",
+            )
+        chosen.append(by_path[f"{prefix}model_index.json"])
+        groups = {
+            f"{prefix}{folder}/": [p for p in by_path if p.startswith(f"{prefix}{folder}/") and p.count("/") == prefix.count("/") + 1]
+            for folder in folders
+        }
+    for group, paths in groups.items():
+        names = {PurePosixPath(p).name: p for p in paths}
+        chosen += [by_path[names[n]] for n in sorted(names) if n in CONFIG_NAMES or n in TOKENIZER_NAMES]
+        component = group.rstrip("/").rsplit("/", 1)[-1]
+        if component in skip_weights or component.startswith(("tokenizer", "scheduler")):
+            continue
+        chosen += [by_path[p] for p in _weights(sorted(names), group, role, variant, allow_pickle)]
+    if folders is None and not any(f.path.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) for f in chosen):
+        raise FetchError(f"{role}: no weights found at {prefix or 'the root'}", hint="check the subfolder in the recipe")
+    return chosen
+
+
+_WEIGHT = re.compile(
+    r"^(?P<stem>diffusion_pytorch_model|model)(?:\.(?P<v1>\w+))?(?:-\d+-of-\d+)?(?:\.(?P<v2>\w+))?"
+    r"\.(?P<ext>safetensors|bin|ckpt|pt|pth)$"
+)
+_INDEX = re.compile(r"^(?P<stem>diffusion_pytorch_model|model)\.(?P<ext>safetensors|bin)\.index(?:\.(?P<v1>\w+))?\.json$")
+
+
+def parse_weight_name(name: str) -> tuple[str, str | None] | None:
+    """(extension, variant) of a diffusers/transformers weight or shard-index file name, else None."""
+    match = _WEIGHT.match(name) or _INDEX.match(name)
+    if match is None:
+        return None
+    groups = match.groupdict()
+    return groups["ext"], groups.get("v1") or groups.get("v2")
+
+
+def _weights(names: list[str], group: str, role: str, variant: str | None, allow_pickle: bool) -> list[str]:
+    parsed = {n: parse_weight_name(n) for n in names}
+
+    def family(exts: tuple[str, ...], want: str | None) -> list[str]:
+        return [group + n for n, p in parsed.items() if p is not None and p[0] in exts and p[1] == want]
+
+    safe, pickle = ("safetensors",), ("bin", "ckpt", "pt", "pth")
+    for exts in (safe, pickle) if allow_pickle else (safe,):
+        if variant and (found := family(exts, variant)):
+            return found
+        if found := family(exts, None):
+            if variant:
+                log.warning("%s: no %s variant in %s; using the default weights", role, variant, group or "the root")
+            return found
+    pickled = [group + n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise FetchError(
+            f"{role}: {group or 'the root'} has only pickle weights ({', '.join(pickled)}); refusing to unpickle",
+            hint="use a revision with .safetensors weights, or set allow_pickle: true on this source if you trust it",
+        )
+    raise FetchError(f"{role}: no .safetensors weights in {group or 'the root'}", hint="check the source and subfolder")
+
+
+def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, skip_weights: Iterable[str] = ()) -> FetchedSource:
+    """Download (Hub) or select (local) the files of one source and link them into `dest`."""
+    src = resolved.source
+    inner = src.hub or src.local or src.generated
+    subfolder = getattr(inner, "subfolder", None)
+    selected = select_files(
+        resolved.files,
+        role=resolved.role,
+        folders=needed_folders(resolved.role, skip_weights),
+        subfolder=subfolder,
+        variant=src.variant,
+        allow_pickle=src.allow_pickle,
+        skip_weights=skip_weights,
+    )
+    downloaded = 0
+    if resolved.local_path is not None:
+        root = resolved.local_path
+    else:
+        root, downloaded = _download(resolved, selected, cache_dir)
+    _verify(resolved.role, root, selected)
+    _link_view(root, selected, dest)
+    path = dest / subfolder if subfolder else dest
+    return FetchedSource(role=resolved.role, path=path, commit=resolved.commit, files=tuple(selected), bytes_downloaded=downloaded)
+
+
+def _download(resolved: ResolvedSource, selected: list[SourceFile], cache_dir: Path | None) -> tuple[Path, int]:
+    from huggingface_hub import snapshot_download
+
+    assert resolved.source.hub is not None
+    repo = resolved.source.hub.repo
+    before = _cache_size(cache_dir)
+    try:
+        folder = snapshot_download(
+            repo_id=repo,
+            revision=resolved.commit,
+            allow_patterns=[f.path for f in selected],
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
+    except Exception as e:
+        raise hub_error(resolved.role, repo, resolved.commit, e) from e
+    return Path(folder), max(0, _cache_size(cache_dir) - before)
+
+
+def _cache_size(cache_dir: Path | None) -> int:
+    from huggingface_hub import constants
+
+    root = cache_dir or Path(constants.HF_HUB_CACHE)
+    if not root.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _verify(role: str, root: Path, selected: list[SourceFile]) -> None:
+    """sha256 of every file the source published a hash for; a mismatch evicts the cached blob."""
+    for f in selected:
+        path = root / f.path
+        if not path.is_file():
+            raise FetchError(f"{role}: {f.path} is missing after download", hint="retry; check the disk is not full")
+        if path.stat().st_size != f.size:
+            raise FetchError(f"{role}: {f.path} has {path.stat().st_size} bytes, expected {f.size}", hint="retry")
+        if f.sha256 is None:
+            continue
+        actual = file_sha256(path)
+        if actual != f.sha256:
+            blob = path.resolve()
+            if blob != path and blob.is_file():
+                blob.unlink()  # a corrupt cached blob would fail every later build
+            raise FetchError(
+                f"{role}: sha256 mismatch for {f.path} (got {actual[:12]}, expected {f.sha256[:12]})",
+                hint="the download was corrupted; run again to download it afresh",
+            )
+
+
+def _link_view(root: Path, selected: list[SourceFile], dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    for f in selected:
+        target = dest / f.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink((root / f.path).resolve(), target)

@@ -1,0 +1,170 @@
+"""Stage 6: turn a validated staging folder into a self-contained, verifiable bundle.
+
+The bundle is usable as is by optimum-intel and openvino-genai (it is their folder
+layout) and carries its own proof: a manifest of every file's size and sha256, the
+resolved recipe and lock, tool versions, the validation report and a model card.
+It appears under its final name only by an atomic rename, so a crash leaves no
+half-written bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from convert.errors import PackageError
+from convert.resolve import Resolution, file_sha256
+
+MANIFEST = "manifest.json"
+BUILD_INFO = "build.json"
+CARD = "README.md"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    build_id: str
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["files"]
+
+
+def manifest_for(folder: Path, build_id: str) -> dict[str, Any]:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST:
+            continue
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"manifest_version": MANIFEST_VERSION, "build_id": build_id, "files": files}
+
+
+def verify(folder: Path) -> list[str]:
+    """Problems with a bundle (missing/changed/extra files); empty means it verifies."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return [f"{path}: no manifest"]
+    try:
+        manifest = json.loads(path.read_text())
+        listed: dict[str, dict[str, Any]] = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return [f"{path}: unreadable manifest ({e})"]
+    problems = []
+    for rel, entry in listed.items():
+        file = folder / rel
+        if not file.is_file():
+            problems.append(f"{rel}: missing")
+        elif file.stat().st_size != entry["size"]:
+            problems.append(f"{rel}: size {file.stat().st_size} != {entry['size']}")
+        elif file_sha256(file) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(listed) - {MANIFEST})]
+    return problems
+
+
+def load_bundle(folder: Path) -> Bundle:
+    problems = verify(folder)
+    if problems:
+        raise PackageError(f"bundle does not verify: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                           path=folder, hint="rebuild it with `convert`")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return Bundle(path=folder, build_id=manifest["build_id"], manifest=manifest)
+
+
+def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> dict[str, Any]:
+    return {
+        "build_id": resolution.build_id,
+        "recipe": resolution.recipe.model_dump(mode="json"),
+        "lock": resolution.lock(),
+        "components": components,
+        "fit_checks": checks,
+    }
+
+
+def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str, Any]:
+    recipe = resolution.recipe
+    base_model = recipe.base_model or (recipe.base.hub.repo if recipe.base.hub else None)
+    meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": "text-to-image"}
+    if base_model:
+        meta["base_model"] = base_model
+        meta["base_model_relation"] = "quantized"
+    meta["license"] = recipe.base.license or "other"
+    meta["tags"] = sorted({"openvino", "stable-diffusion-xl", "text-to-image", *(recipe.publish.tags if recipe.publish else [])})
+    meta["upstream"] = {s.role: s.commit for s in resolution.sources}
+    meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
+    meta["build_id"] = resolution.build_id
+    meta["validation"] = headline
+    return meta
+
+
+def model_card(resolution: Resolution, components: list[dict[str, Any]], headline: dict[str, Any], summary_md: str) -> str:
+    recipe = resolution.recipe
+    front = yaml.safe_dump(card_metadata(resolution, headline), sort_keys=False).strip()
+    lines = [f"---\n{front}\n---", "", f"# {recipe.name} (OpenVINO IR)", "", recipe.description.strip(), ""]
+    for name, sub in recipe.substitutions.items():
+        lines.append(
+            f"**Substituted {name}:** `{sub.source.describe()}` (licence: {sub.source.license or 'unknown'}). "
+            f"Why: {' '.join(sub.reason.split()) or 'not stated in the recipe'}"
+        )
+        lines.append("")
+    lines += ["## Components", "", "| component | weights | runs at | runtime options |", "|---|---|---|---|"]
+    for c in components:
+        options = ", ".join(f"{k}={v}" for k, v in c.get("runtime_options", {}).items()) or "-"
+        lines.append(f"| {c['name']} | {c['weights']} | {', '.join(c.get('inference_precision', [])) or '-'} | {options} |")
+    lines += ["", "## Validation", "", summary_md.strip(), "", "## Provenance", ""]
+    for s in resolution.sources:
+        lines.append(f"- {s.role}: `{s.source.describe()}` at `{s.commit}`")
+    lines.append(f"- build id `{resolution.build_id}`; tool versions in `{BUILD_INFO}`; every file's sha256 in `{MANIFEST}`")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from optimum.intel import OVStableDiffusionXLPipeline",
+        'pipe = OVStableDiffusionXLPipeline.from_pretrained("<this folder or repo>")',
+        'image = pipe("a photo of an astronaut riding a horse").images[0]',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def finalize(staging: Path, dest: Path, build_id: str) -> Bundle:
+    """Write the manifest and move the staging folder to its final name in one rename."""
+    manifest = manifest_for(staging, build_id)
+    write_json(staging / MANIFEST, manifest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, dest)
+    return Bundle(path=dest, build_id=build_id, manifest=manifest)
+
+
+def move_aside(staging: Path, broken_root: Path, build_id: str) -> Path:
+    """A failed build is kept for inspection under broken/, never where publish looks."""
+    target = broken_root / build_id
+    broken_root.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target

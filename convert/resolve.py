@@ -1,0 +1,234 @@
+"""Stage 1: pin every source to an immutable commit before anything is downloaded.
+
+A Hub branch can move between two requests; everything after this stage refers to
+the 40-hex commit recorded here (and in the bundle's lock), never to `main`.
+Local and generated folders are pinned by a content digest instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.errors import FetchError, RecipeError
+from convert.recipe import Recipe, Source, recipe_digest
+from convert.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: Packages whose versions change the output; part of the build id.
+TOOL_PACKAGES: tuple[str, ...] = (
+    "sdxl-openvino",
+    "openvino",
+    "openvino-tokenizers",
+    "optimum-intel",
+    "optimum",
+    "nncf",
+    "diffusers",
+    "transformers",
+    "torch",
+    "huggingface_hub",
+    "safetensors",
+)
+#: Bump when convert/synthetic.py changes what a generator writes.
+GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    size: int
+    sha256: str | None  # None only for small non-LFS Hub files (the Hub gives a git blob id for those)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    role: str  # "base" or "substitutions.<component>"
+    source: Source
+    commit: str  # 40-hex Hub commit, or "sha256:<digest>" of a local/generated folder
+    files: tuple[SourceFile, ...]
+    local_path: Path | None = None  # set for local and generated sources
+
+    def lock_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"role": self.role, "source": self.source.describe(), "commit": self.commit}
+        if self.source.hub:
+            entry |= {"repo": self.source.hub.repo, "revision": self.source.hub.revision}
+        return entry
+
+
+@dataclass(frozen=True)
+class Resolution:
+    recipe: Recipe
+    recipe_path: Path
+    sources: tuple[ResolvedSource, ...]
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def build_id(self) -> str:
+        """Hash of (recipe meaning, source commits, tool versions): names bundle, tag and cache keys."""
+        payload = {
+            "recipe": recipe_digest(self.recipe),
+            "sources": [s.lock_entry() for s in self.sources],
+            "tools": self.tool_versions,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def source(self, role: str) -> ResolvedSource:
+        for s in self.sources:
+            if s.role == role:
+                return s
+        raise KeyError(role)
+
+    def lock(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "recipe_sha256": recipe_digest(self.recipe),
+            "build_id": self.build_id,
+            "sources": [s.lock_entry() for s in self.sources],
+            "tools": self.tool_versions,
+        }
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in TOOL_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def source_roles(recipe: Recipe) -> list[tuple[str, Source]]:
+    roles: list[tuple[str, Source]] = [("base", recipe.base)]
+    roles += [(f"substitutions.{name}", sub.source) for name, sub in recipe.substitutions.items()]
+    return roles
+
+
+def resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace) -> Resolution:
+    """Pin all sources; generated sources are built here (offline) so they can be hashed."""
+    sources = tuple(resolve_source(role, src, workspace) for role, src in source_roles(recipe))
+    return Resolution(recipe=recipe, recipe_path=recipe_path, sources=sources, tool_versions=tool_versions())
+
+
+def resolve_source(role: str, source: Source, workspace: Workspace) -> ResolvedSource:
+    if source.hub is not None:
+        return _resolve_hub(role, source)
+    if source.local is not None:
+        folder = source.local.path
+        if not folder.is_dir():
+            raise FetchError(
+                f"{role}: local source folder {folder} does not exist",
+                hint="fix the path (relative paths are relative to the recipe) or build the folder first",
+            )
+        return _resolve_folder(role, source, folder)
+    assert source.generated is not None
+    return _resolve_folder(role, source, materialize_generated(source, workspace))
+
+
+def generated_dir(source: Source, workspace: Workspace) -> Path:
+    assert source.generated is not None
+    gen = source.generated
+    return workspace.generated_sources / f"{gen.generator}-seed{gen.seed}-v{GENERATOR_VERSION}"
+
+
+def materialize_generated(source: Source, workspace: Workspace) -> Path:
+    """Build a generated source once; later builds reuse the folder (its name keys generator, seed, version)."""
+    from convert import synthetic  # torch/diffusers: only when a generated source is really used
+
+    assert source.generated is not None
+    folder = generated_dir(source, workspace)
+    if folder.is_dir():
+        return folder
+    if source.generated.generator not in synthetic.GENERATORS:
+        known = ", ".join(sorted(synthetic.GENERATORS))
+        raise RecipeError(f"unknown generator '{source.generated.generator}'", hint=f"use one of: {known}")
+    log.info("generating %s (seed %d) into %s", source.generated.generator, source.generated.seed, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    synthetic.generate(source.generated.generator, folder, source.generated.seed)
+    return folder
+
+
+def _resolve_folder(role: str, source: Source, folder: Path) -> ResolvedSource:
+    files = tuple(
+        SourceFile(path=rel, size=(folder / rel).stat().st_size, sha256=file_sha256(folder / rel))
+        for rel in list_folder(folder)
+    )
+    digest = hashlib.sha256("\n".join(f"{f.path}\t{f.sha256}" for f in files).encode()).hexdigest()
+    return ResolvedSource(role=role, source=source, commit=f"sha256:{digest}", files=files, local_path=folder)
+
+
+def list_folder(folder: Path) -> list[str]:
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_hub(role: str, source: Source) -> ResolvedSource:
+    from huggingface_hub import HfApi
+
+    assert source.hub is not None
+    hub = source.hub
+    try:
+        info = HfApi().model_info(hub.repo, revision=hub.revision, files_metadata=True)
+    except Exception as e:  # wrapped into one line by hub_error
+        raise hub_error(role, hub.repo, hub.revision, e) from e
+    if not info.sha:
+        raise FetchError(f"{role}: the Hub returned no commit for {hub.repo}@{hub.revision}")
+    files = tuple(_remote_files(info.siblings or []))
+    log.info("%s: %s@%s -> %s", role, hub.repo, hub.revision, info.sha)
+    return ResolvedSource(role=role, source=source, commit=info.sha, files=files)
+
+
+def _remote_files(siblings: Iterable[Any]) -> Iterable[SourceFile]:
+    for s in siblings:
+        lfs = getattr(s, "lfs", None)
+        sha = lfs.sha256 if lfs is not None else None
+        size = lfs.size if lfs is not None else (s.size or 0)
+        yield SourceFile(path=s.rfilename, size=int(size or 0), sha256=sha)
+
+
+def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchError:
+    """Map huggingface_hub's exceptions to one line that says what to do."""
+    from huggingface_hub import errors as hf_errors
+
+    name = f"{role}: {repo}@{revision}"
+    if isinstance(error, hf_errors.GatedRepoError):
+        return FetchError(
+            f"{name} is gated",
+            hint=f"accept the licence on the repo's page on the Hub and set HF_TOKEN to a token of that account",
+        )
+    if isinstance(error, hf_errors.RevisionNotFoundError):
+        return FetchError(f"{name}: revision not found", hint="check the branch, tag or commit in the recipe")
+    if isinstance(error, hf_errors.RepositoryNotFoundError):
+        return FetchError(
+            f"{name}: repository not found", hint="check the repo id; if it is private, set HF_TOKEN"
+        )
+    if isinstance(error, hf_errors.EntryNotFoundError):
+        return FetchError(f"{name}: file not found ({error})", hint="check the subfolder/variant in the recipe")
+    if isinstance(error, hf_errors.HfHubHTTPError):
+        return FetchError(f"{name}: Hub error ({str(error).splitlines()[0]})", hint="retry later")
+    if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
+        from huggingface_hub import constants
+
+        return FetchError(
+            f"{name}: the Hub is unreachable at {constants.ENDPOINT} ({type(error).__name__})",
+            hint="check the network or HF_ENDPOINT, or use a local source",
+        )
+    return FetchError(f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")

@@ -1,0 +1,50 @@
+"""Where a build reads and writes; passed explicitly so no stage depends on the cwd or globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Folders of one build.
+
+    `artifacts` holds bundles (`<recipe>/<build-id>/`), failed builds (`broken/`) and
+    generated sources (`sources/`); `hf_cache` is the Hugging Face cache (None: the
+    client's default, which honours HF_HOME / HF_HUB_CACHE).
+    """
+
+    artifacts: Path
+    hf_cache: Path | None = None
+
+    @property
+    def generated_sources(self) -> Path:
+        return self.artifacts / "sources"
+
+    @property
+    def broken(self) -> Path:
+        return self.artifacts / "broken"
+
+    @property
+    def staging(self) -> Path:
+        return self.artifacts / ".staging"
+
+    def bundle_dir(self, recipe_name: str, build_id: str) -> Path:
+        return self.artifacts / recipe_name / build_id
+
+    @classmethod
+    def default(cls) -> Workspace:
+        return cls(artifacts=PROJECT_ROOT / "artifacts")
+
+
+def recipe_search_dirs() -> list[Path]:
+    """Recipes are found by name in ./recipes, then in the project's own recipes/."""
+    dirs = [Path.cwd() / "recipes", PROJECT_ROOT / "recipes"]
+    unique: list[Path] = []
+    for d in dirs:
+        if d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique

@@ -1,0 +1,190 @@
+"""Stage 5: decode/encode through the exported VAE IRs at every precision the target runs.
+
+Half precision runs for real where the host computes it, and is emulated on the IR
+graph where OpenVINO would silently run f32 instead (AVX2 CPUs): a "f16 check" that
+really ran f32 would pass the very VAE this project exists to catch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.recipe import Recipe
+from validate.inputs import InputSet, denoised_set, image_set
+from validate.report import CheckResult, ValidationReport, save_png
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+IO_NAMES = {"vae_decoder": ("latent_sample", "sample"), "vae_encoder": ("sample", "latent_parameters")}
+FIX_HINT = "substitute an FP16-fixed VAE (recipe key substitutions.vae) or run it at f32 (target.inference_precision)"
+
+
+def native_resolution(pipeline: Any) -> int:
+    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+
+
+def describe_checks(recipe: Recipe) -> list[str]:
+    """The plan's view of the gate (no heavy imports)."""
+    v = recipe.validation
+    size = f"{v.resolution}x{v.resolution}" if v.resolution else "native resolution"
+    lines = []
+    for part in v.components:
+        if not recipe.settings_for(part).export:
+            continue
+        for precision in recipe.precisions_for(part):
+            lines.append(
+                f"{part} at {precision} (real where {recipe.target.device} runs it, else emulated): "
+                f"non-finite <= {v.max_non_finite}, PSNR >= {v.min_psnr_db:g} dB vs original VAE f32; "
+                f"inputs: {', '.join(v.images)} at {size}"
+                + (f" + {v.denoise_steps}-step denoise latents" if v.denoise_steps and part == "vae_decoder" else "")
+            )
+    if "vae" in recipe.substitutions and v.check_original:
+        lines.append("original VAE at the same precisions, for comparison (reported, never gates)")
+    return lines
+
+
+@dataclass
+class _Reference:
+    """f32 outputs of the ORIGINAL VAE (torch), the yardstick for every PSNR."""
+
+    vae: Any
+
+    def run(self, component: str, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            t = torch.from_numpy(x)
+            if component == "vae_decoder":
+                return _batched(lambda b: self.vae.decode(b).sample, t)
+            return _batched(lambda b: self.vae.encode(b).latent_dist.parameters, t)
+
+
+def _batched(fn: Callable[[Any], Any], t: Any) -> np.ndarray:
+    return np.concatenate([fn(t[i : i + 1]).float().numpy() for i in range(t.shape[0])])
+
+
+def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Progress | None = None) -> ValidationReport:
+    import openvino as ov
+
+    notify = progress or (lambda _m: None)
+    settings = recipe.validation
+    core = ov.Core()
+    pipeline = patched.pipeline
+    original_vae = patched.originals.get("vae", pipeline.vae)
+    reference = _Reference(original_vae.float())
+    full = settings.resolution or native_resolution(pipeline)
+    small = min(full, settings.small_resolution)
+    sets: list[InputSet] = []
+    n_full = min(settings.full_resolution_images, len(settings.images))
+    if n_full:
+        sets.append(image_set(original_vae, settings.images[:n_full], full))
+    if settings.images[n_full:]:
+        sets.append(image_set(original_vae, settings.images[n_full:], small))
+    if settings.denoise_steps and "vae_decoder" in settings.components:
+        notify(f"validate: {settings.denoise_steps}-step denoising run of the exported pipeline at {small}x{small}")
+        sets.append(denoised_set(bundle_dir, settings.prompt, settings.denoise_steps, small))
+
+    report = ValidationReport(
+        checks=[],
+        thresholds={"max_non_finite": settings.max_non_finite, "min_psnr_db": settings.min_psnr_db},
+        fit_checks=list(patched.checks),
+        inputs={s.name: s.description for s in sets},
+    )
+    targets: list[tuple[str, Any]] = [("substituted" if "vae" in patched.substituted else "shipped", None)]
+    if "vae" in patched.substituted and settings.check_original:
+        targets.append(("original", original_vae))
+    image_dir = bundle_dir / "validation"
+    for part in settings.components:
+        xml = bundle_dir / part / "openvino_model.xml"
+        if not xml.is_file():
+            continue
+        refs = {s.name: reference.run(part, _input_of(part, s)) for s in sets if _input_of(part, s) is not None}
+        if part == "vae_decoder" and sets and sets[0].images is not None:
+            save_png(refs[sets[0].name], image_dir / "reference_f32.png")
+            report.samples["reference_f32.png"] = f"original VAE, f32 (torch), {sets[0].name}"
+        for label, torch_vae in targets:
+            model = core.read_model(xml) if torch_vae is None else _convert_original(torch_vae, part)
+            for precision in recipe.precisions_for(part):
+                notify(f"validate: {part} {precision} ({label} VAE)")
+                report.checks += _check_all(core, model, part, label, precision, recipe, sets, refs, image_dir, report)
+    return report
+
+
+def _input_of(part: str, s: InputSet) -> np.ndarray | None:
+    return s.latents if part == "vae_decoder" else s.images
+
+
+def _check_all(core: Any, model: Any, part: str, label: str, precision: str, recipe: Recipe, sets: list[InputSet],
+               refs: dict[str, np.ndarray], image_dir: Path, report: ValidationReport) -> list[CheckResult]:
+    from validate.metrics import count_non_finite, passes_psnr, psnr
+    from validate.precision import activation_maxima, compile_for, emulate, plan_execution
+
+    device = recipe.target.device if recipe.target.device in core.available_devices else "CPU"
+    mode = plan_execution(core, device, precision)  # type: ignore[arg-type]
+    runnable = emulate(model, precision) if mode.emulated else model  # type: ignore[arg-type]
+    runner = compile_for(core, runnable, mode)
+    in_name, _ = IO_NAMES[part]
+    where = f"{mode.device}" + ("" if device == recipe.target.device else f" (target {recipe.target.device} not present)")
+    execution = f"{'emulated' if mode.emulated else 'native'}: {mode.reason}"
+    results = []
+    for i, s in enumerate(sets):
+        x = _input_of(part, s)
+        if x is None:
+            continue
+        out = np.concatenate([next(iter(runner({in_name: x[j : j + 1]}).values())) for j in range(x.shape[0])])
+        ref = refs[s.name]
+        counts = count_non_finite(out)
+        data_range = 2.0 if part == "vae_decoder" else float(np.ptp(ref[:, : ref.shape[1] // 2]) or 1.0)
+        value = psnr(out if part == "vae_decoder" else out[:, : out.shape[1] // 2],
+                     ref if part == "vae_decoder" else ref[:, : ref.shape[1] // 2], data_range)
+        maxima = activation_maxima(core, model, {in_name: x[:1]}) if i == 0 and precision == recipe.precisions_for(part)[0] else {}
+        failures = []
+        name = f"{part} {precision}" + (" (original VAE)" if label == "original" else "")
+        if counts.invalid > recipe.validation.max_non_finite:
+            failures.append(f"{name}: {counts.invalid}/{counts.total} non-finite on {s.name} "
+                            f"(NaN {counts.nan}, inf {counts.posinf + counts.neginf}); {FIX_HINT}")
+        elif not passes_psnr(value, recipe.validation.min_psnr_db):
+            failures.append(f"{name}: PSNR {value:.2f} dB < {recipe.validation.min_psnr_db:g} dB vs the original VAE's "
+                            f"f32 output on {s.name}; check the substituted VAE matches the original")
+        if part == "vae_decoder" and i == 0 and s.images is not None:
+            png = f"{label}_{precision}.png"
+            save_png(out, image_dir / png)
+            report.samples[png] = f"{label} VAE, {precision} ({execution.split(':')[0]}), {s.name}"
+        results.append(CheckResult(
+            component=part, vae=label, precision=precision, execution=execution, device=where, input_set=s.name,
+            total=counts.total, nan=counts.nan, posinf=counts.posinf, neginf=counts.neginf,
+            psnr_db=value if np.isfinite(value) or value == float("inf") else None,
+            max_abs_activation=maxima, failures=failures, gating=label != "original",
+        ))
+    return results
+
+
+def _convert_original(vae: Any, part: str) -> Any:
+    """The original VAE part as an IR, traced like optimum traces the shipped one, for the comparison rows."""
+    import openvino as ov
+    import torch
+
+    class Part(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if part == "vae_decoder":
+                return self.vae.decode(x).sample
+            return self.vae.encode(x).latent_dist.parameters
+
+    channels = vae.config.latent_channels if part == "vae_decoder" else 3
+    side = 8 if part == "vae_decoder" else 64
+    example = torch.zeros(1, channels, side, side)
+    with torch.no_grad():
+        model = ov.convert_model(Part().eval(), example_input=example, input=[ov.PartialShape([-1, channels, -1, -1])])
+    model.inputs[0].get_tensor().set_names({IO_NAMES[part][0]})
+    return model

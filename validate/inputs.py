@@ -1,0 +1,89 @@
+"""Realistic validation inputs: random latents can miss the overflow, real ones don't.
+
+Two sources, both in the decoder's input space (pipeline latents / scaling_factor):
+latents from encoding real photographs with the reference (original) VAE, and
+latents produced by a short denoising run of the exported pipeline itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputSet:
+    name: str  # e.g. "images@1024", "denoise@256"
+    description: str
+    latents: np.ndarray  # [N, C, h, w] float32, decoder input
+    images: np.ndarray | None = None  # [N, 3, H, W] float32 in [-1, 1], encoder input
+
+
+def sample_images(names: list[str], size: int) -> np.ndarray:
+    """scikit-image's bundled photographs, centre-cropped square, resized, scaled to [-1, 1]."""
+    from PIL import Image
+    from skimage import data
+
+    batch = []
+    for name in names:
+        loader = getattr(data, name, None)
+        if loader is None:
+            raise ValueError(f"unknown scikit-image sample image '{name}' (try astronaut, chelsea, coffee)")
+        array = np.asarray(loader())
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        array = array[..., :3]
+        h, w = array.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        image = Image.fromarray(array[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
+        batch.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+    return np.stack(batch)
+
+
+def encode_images(vae: Any, images: np.ndarray) -> np.ndarray:
+    """Latent means from the reference VAE in f32 (what the decoder sees after / scaling_factor)."""
+    import torch
+
+    with torch.no_grad():
+        posterior = vae.float().encode(torch.from_numpy(images)).latent_dist
+        return posterior.mean.numpy().astype(np.float32)
+
+
+def image_set(vae: Any, names: list[str], size: int) -> InputSet:
+    images = sample_images(names, size)
+    return InputSet(
+        name=f"images@{size}",
+        description=f"scikit-image {', '.join(names)} at {size}x{size}, encoded by the original VAE (f32)",
+        latents=encode_images(vae, images),
+        images=images,
+    )
+
+
+def denoised_set(bundle_dir: Path, prompt: str, steps: int, size: int, seed: int = 0) -> InputSet:
+    """Run the exported pipeline itself for a few steps and take its latents."""
+    from optimum.intel import OVStableDiffusionXLPipeline
+
+    pipe = OVStableDiffusionXLPipeline.from_pretrained(bundle_dir, device="CPU", compile=True)
+    result = pipe(
+        prompt,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        output_type="latent",
+        generator=np.random.RandomState(seed),
+    )
+    latents = np.asarray(result.images, dtype=np.float32)
+    scaling = float(pipe.vae_decoder.config.get("scaling_factor", 0.13025))
+    del pipe
+    return InputSet(
+        name=f"denoise@{size}",
+        description=f"{steps}-step run of the exported pipeline at {size}x{size} ('{prompt}'), latents / {scaling}",
+        latents=latents / scaling,
+    )

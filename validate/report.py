@@ -1,0 +1,164 @@
+"""The validation report: JSON a machine checks, Markdown and PNGs a person reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+F16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    component: str  # vae_decoder / vae_encoder
+    vae: str  # "substituted" (what ships) or "original" (for comparison; never gates)
+    precision: str  # f32 / f16 / bf16
+    execution: str  # "native" or "emulated", with the reason
+    device: str
+    input_set: str
+    total: int
+    nan: int
+    posinf: int
+    neginf: int
+    psnr_db: float | None  # None: non-finite output (never a number that could pass a `<` test)
+    max_abs_activation: dict[str, float] = field(default_factory=dict)  # per block, f32 run
+    failures: list[str] = field(default_factory=list)
+    gating: bool = True
+
+    @property
+    def invalid(self) -> int:
+        return self.nan + self.posinf + self.neginf
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def label(self) -> str:
+        return f"{self.component} {self.precision} [{self.vae}, {self.input_set}]"
+
+
+@dataclass
+class ValidationReport:
+    checks: list[CheckResult]
+    thresholds: dict[str, float]
+    fit_checks: list[str] = field(default_factory=list)
+    inputs: dict[str, str] = field(default_factory=dict)  # input set name -> description
+    samples: dict[str, str] = field(default_factory=dict)  # png name -> caption
+
+    @property
+    def gating_checks(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.gating]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gating_checks) and all(c.passed for c in self.gating_checks)
+
+    @property
+    def failures(self) -> list[str]:
+        lines = [f for c in self.gating_checks for f in c.failures]
+        if not self.gating_checks:
+            lines.append("no validation check ran; enable validation.components in the recipe")
+        return lines
+
+    def headline(self) -> dict[str, Any]:
+        """The few numbers quoted in the model card and the Hub metadata."""
+        def worst(checks: list[CheckResult]) -> dict[str, Any]:
+            psnrs = [c.psnr_db for c in checks if c.psnr_db is not None]
+            return {
+                "non_finite": sum(c.invalid for c in checks),
+                "values": sum(c.total for c in checks),
+                "min_psnr_db": round(min(psnrs), 2) if psnrs and len(psnrs) == len(checks) else None,
+            }
+
+        out: dict[str, Any] = {"passed": self.passed}
+        for precision in sorted({c.precision for c in self.checks}):
+            shipped = [c for c in self.gating_checks if c.precision == precision]
+            original = [c for c in self.checks if c.vae == "original" and c.precision == precision]
+            if shipped:
+                out[precision] = worst(shipped)
+            if original:
+                out[f"original_vae_{precision}"] = worst(original)
+        activations = [v for c in self.gating_checks for v in c.max_abs_activation.values()]
+        if activations:
+            out["max_abs_activation"] = float(max(activations))
+            out["f16_headroom"] = round(F16_MAX / max(activations), 3) if max(activations) > 0 else None
+        out["execution"] = sorted({c.execution.split(":")[0] for c in self.checks if c.precision != "f32"})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "headline": self.headline(),
+            "thresholds": self.thresholds,
+            "failures": self.failures,
+            "fit_checks": self.fit_checks,
+            "inputs": self.inputs,
+            "checks": [_jsonable(asdict(c)) | {"invalid": c.invalid, "passed": c.passed} for c in self.checks],
+            "samples": self.samples,
+        }
+
+    def to_markdown(self, image_dir: str = ".") -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"**Validation {verdict}** (gate: at most {int(self.thresholds['max_non_finite'])} non-finite values, "
+            f"PSNR >= {self.thresholds['min_psnr_db']:g} dB vs the original VAE's f32 decode).",
+            "",
+            "| component | VAE | precision | run as | input | invalid (NaN / +inf / -inf) | PSNR dB | max abs act. | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in self.checks:
+            act = max(c.max_abs_activation.values()) if c.max_abs_activation else None
+            verdict_cell = ("pass" if c.passed else "FAIL") if c.gating else ("(info) " + ("ok" if c.passed else "would fail"))
+            lines.append(
+                f"| {c.component} | {c.vae} | {c.precision} | {c.execution.split(':')[0]} | {c.input_set} | "
+                f"{c.invalid}/{c.total} ({c.nan} / {c.posinf} / {c.neginf}) | {_fmt(c.psnr_db)} | "
+                f"{_fmt(act, '.3g')} | {verdict_cell} |"
+            )
+        if self.failures:
+            lines += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]
+        if self.inputs:
+            lines += ["", "Inputs:", ""] + [f"- `{k}`: {v}" for k, v in self.inputs.items()]
+        modes = sorted({c.execution for c in self.checks if c.precision != "f32"})
+        if modes:
+            lines += ["", "How half precision ran:", ""] + [f"- {m}" for m in modes]
+        if self.samples:
+            lines += [""] + [f"![{cap}]({image_dir}/{name})" for name, cap in self.samples.items()]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        (folder / "report.md").write_text("# Validation report\n\n" + self.to_markdown())
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no infinity: an exact match (PSNR inf) is written as the string "inf"."""
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    if value is None:
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def save_png(images: np.ndarray, path: Path) -> None:
+    """[N,3,H,W] in [-1,1] side by side; non-finite pixels shown magenta so a NaN decode is visible."""
+    from PIL import Image
+
+    tiles = []
+    for image in images:
+        hwc = np.transpose(image, (1, 2, 0))
+        bad = ~np.isfinite(hwc).all(axis=-1)
+        rgb = ((np.clip(np.nan_to_num(hwc, nan=0.0, posinf=1.0, neginf=-1.0), -1, 1) + 1) * 127.5).round().astype(np.uint8)
+        rgb[bad] = (255, 0, 255)
+        tiles.append(rgb)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
