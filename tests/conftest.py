@@ -1,0 +1,132 @@
+"""Session wiring for all tests: a local Hub, an isolated HF cache and a network guard.
+
+Why at import time: huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_XET, ...
+once, when it is first imported (URL templates are built then), and diffusers/transformers
+import it. So the server starts and the environment is set here, before any test module
+can import those libraries.
+
+Markers: ``hub`` (talks to the local Hub) and ``slow`` (full-size shapes, benchmarks). Slow
+tests are skipped unless selected explicitly with ``-m slow`` (or any -m expression naming
+it) or ``RUN_SLOW=1``.
+
+Network guard: pytest-socket restricts ``socket.connect`` to 127.0.0.1/localhost (and Unix
+sockets, which cannot leave the machine) for every test, unless ``--allow-hosts`` is given
+or a test opts out with pytest-socket's ``enable_socket`` marker. The server thread only
+binds and accepts, which the guard does not touch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if "huggingface_hub" in sys.modules:
+    raise RuntimeError(
+        "huggingface_hub was imported before tests/conftest.py set HF_ENDPOINT; its endpoint is frozen "
+        "to the real Hub. Import it lazily in plugins and root conftest files."
+    )
+
+try:  # tests/ may or may not become a package; support both import modes
+    from .hub_server import DEFAULT_USER, HubServer
+except ImportError:
+    from hub_server import DEFAULT_USER, HubServer
+
+HF_TEST_TOKEN = "hf_dummy_test_token"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "::1"]
+
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="sdxl-ov-tests-"))
+HUB_SERVER = HubServer(root=SESSION_DIR / "hub")
+HUB_SERVER.start()
+
+
+def _shutdown() -> None:
+    HUB_SERVER.stop()
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+atexit.register(_shutdown)
+
+for _name in ("HUGGINGFACE_HUB_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE", "HUGGINGFACE_CO_STAGING",
+              "HF_HUB_ENABLE_HF_TRANSFER", "TRANSFORMERS_OFFLINE", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH"):
+    os.environ.pop(_name, None)  # legacy or overriding variables from a developer's shell
+os.environ.update(
+    {
+        "HF_ENDPOINT": HUB_SERVER.url,
+        "HF_HOME": str(SESSION_DIR / "hf-home"),
+        "HF_HUB_CACHE": str(SESSION_DIR / "hf-home" / "hub"),
+        "HF_TOKEN": HF_TEST_TOKEN,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "0",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Register markers; default pytest-socket's allow-list before pytest-socket reads its options."""
+    config.addinivalue_line("markers", "hub: talks to the local Hub-compatible test server")
+    config.addinivalue_line("markers", "slow: full-size or long-running; opt in with -m slow or RUN_SLOW=1")
+    if hasattr(config.option, "allow_hosts") and not config.option.allow_hosts:
+        config.option.allow_hosts = ",".join(ALLOWED_HOSTS)
+        config.option.allow_unix_socket = True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless they were asked for by marker expression or RUN_SLOW=1."""
+    if os.environ.get("RUN_SLOW") == "1" or re.search(r"\bslow\b", config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with -m slow or RUN_SLOW=1")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> HubServer:
+    """The session's Hub; repo names are shared, so create repos with unique ids (see ``new_repo_id``)."""
+    return HUB_SERVER
+
+
+@pytest.fixture
+def hf_api(hub_server: HubServer):  # -> huggingface_hub.HfApi (imported lazily, see module docstring)
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub_server.url, token=HF_TEST_TOKEN)
+
+
+@pytest.fixture
+def new_repo_id(request: pytest.FixtureRequest) -> str:
+    """A repo id no other test uses (not created): ``test-user/<test name>-<random>``."""
+    stem = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name).strip("-")[:60]
+    return f"{DEFAULT_USER}/{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(autouse=True)
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh HF hub cache per test, so no test sees another's downloads or a user's cache.
+
+    huggingface_hub reads ``constants.HF_HUB_CACHE`` at call time (transformers and diffusers go
+    through it), so patching the constant works after import; the env var covers subprocesses.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _cache_manager
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    yield cache
