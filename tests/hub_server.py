@@ -448,8 +448,11 @@ class _Handler(BaseHTTPRequestHandler):
             getattr(self, f"_route_{name}")(**groups)
         except HubError as error:
             self._send_error(error)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away mid-response: not a server bug
         except Exception as error:  # a server bug must reach the test as a visible 500, not a hang
             self.hub._internal_errors.append(traceback.format_exc())
+            self.close_connection = True  # headers may already be out: never reuse this connection
             self._send_error(HubError(500, None, f"Internal test-server error: {error!r}"))
 
     def _read_body(self) -> bytes:
@@ -495,7 +498,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(status, json.dumps(payload, default=str).encode(), content_type=content_type)
 
     def _send_error(self, error: HubError) -> None:
-        headers = dict(error.headers, **{"X-Error-Message": error.message})
+        header_safe = " ".join(error.message.encode("ascii", "replace").decode().split())  # headers are latin-1
+        headers = dict(error.headers, **{"X-Error-Message": header_safe})
         if error.code:
             headers["X-Error-Code"] = error.code
         self._send_bytes(error.status, json.dumps({"error": error.message}).encode(), headers)
@@ -767,9 +771,10 @@ class HubServer:
             self._truncations.append(re.compile(path_regex))
 
     def corrupt_blob(self, repo_id: str, path: str, revision: str = "main") -> None:
-        """Flip bytes of the stored blob in place: same size, sha256 no longer matches the metadata.
+        """Flip the first byte of the stored blob in place: same size, sha256 no longer matches metadata.
 
-        Blobs are content-addressed, so every path and repo sharing these bytes is corrupted too.
+        Blobs are content-addressed and never rewritten, so every path and repo sharing these bytes
+        stays corrupted, even after re-uploading them: use bytes unique to the test.
         """
         entry = self.state.resolve(self.state.repo(repo_id), revision).files[path]
         blob = self.state.blobs.path(entry.sha256)
@@ -777,7 +782,6 @@ class HubServer:
         if not data:
             raise ValueError(f"{path} is empty: nothing to corrupt")
         data[0] ^= 0xFF
-        data[-1] ^= 0xFF
         blob.write_bytes(bytes(data))
 
     def requests_log(self) -> list[tuple[str, str, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ class Seeded:
     upload_log: list[tuple[str, str, int]]
 
 
-def _write_folder(folder: Path, weights: bytes) -> dict[str, bytes]:
+def _write_folder(folder: Path, weights: bytes) -> None:
     files = {
         "README.md": README.encode(),
         "config.json": b'{"sample_size": 32}\n',
@@ -70,7 +71,6 @@ def _write_folder(folder: Path, weights: bytes) -> dict[str, bytes]:
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    return files
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -82,7 +82,7 @@ def seeded(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -> S
     api = HfApi(endpoint=hub_server.url)
     folder = tmp_path_factory.mktemp("seed")
     _write_folder(folder, random.Random(0).randbytes(LFS_SIZE))
-    repo_id = api.create_repo("test-user/seeded").repo_id
+    repo_id = api.create_repo(f"test-user/seeded-{uuid.uuid4().hex[:8]}").repo_id
     hub_server.clear_log()
     info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Seed")
     return Seeded(repo_id, folder, info.oid, hub_server.requests_log())
