@@ -1,0 +1,93 @@
+"""Recipe schema: valid recipes load, every invalid one fails with a one-line, pointed message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from convert.errors import RecipeError
+from convert.recipe import json_schema, load_recipe, recipe_digest, find_recipe
+from convert.workspace import PROJECT_ROOT
+
+BAD = Path(__file__).parent / "recipes_bad"
+RECIPES = PROJECT_ROOT / "recipes"
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl-fp16fix", "sdxl-fp16fix"])
+def test_shipped_recipes_load(name: str) -> None:
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert recipe.name == name
+    assert "vae" in recipe.substitutions
+    assert recipe.settings_for("unet").weights == "int8"
+    assert "f16" in recipe.precisions_for("vae_decoder")
+
+
+def test_real_recipe_pins_hub_sources() -> None:
+    recipe = load_recipe(RECIPES / "sdxl-fp16fix.yaml")
+    assert recipe.base.hub is not None and recipe.base.hub.repo == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert recipe.base.hub.variant == "fp16"
+    vae = recipe.substitutions["vae"].source.hub
+    assert vae is not None and vae.repo == "madebyollin/sdxl-vae-fp16-fix"
+
+
+@pytest.mark.parametrize(
+    ("file", "expected"),
+    [
+        ("typo_field.yaml", "line 5: unknown field 'precison' in components.unet; did you mean 'inference_precision'?"),
+        ("typo_top.yaml", "line 4: unknown field 'substitution' in the recipe; did you mean 'substitutions'?"),
+        ("wrong_type.yaml", "line 5: validation.max_non_finite: Input should be a valid integer"),
+        ("unknown_component.yaml", "unknown component 'vae_decodr'; did you mean 'vae_decoder'?"),
+        ("bad_precision.yaml", "target.inference_precision.0: Input should be 'f32', 'f16' or 'bf16'"),
+        ("two_sources.yaml", "base: a source needs exactly one of 'hub', 'local', 'generated' (got ['hub', 'local'])"),
+        ("bad_schema_version.yaml", "line 1: schema_version: Input should be 1"),
+        ("not_yaml.yaml", "not valid YAML"),
+        ("nncf_on_fp16.yaml", "'nncf' settings need weights int8 or int4, not fp16"),
+        ("bad_repo_id.yaml", "'stable-diffusion-xl-base-1.0' is not a Hub repo id; write it as 'owner/name'"),
+    ],
+)
+def test_bad_recipe_messages(file: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(BAD / file)
+    message = str(info.value)
+    assert expected in message
+    assert message.startswith(str(BAD / file))
+    assert "\n" not in message
+    assert info.value.exit_code == 2
+
+
+def test_missing_recipe_file_suggests_names() -> None:
+    with pytest.raises(RecipeError, match="no recipe named 'tiny-sdxl-fp16fx'; did you mean 'tiny-sdxl-fp16fix'"):
+        find_recipe("tiny-sdxl-fp16fx", [RECIPES])
+
+
+def test_digest_ignores_formatting(tmp_path: Path) -> None:
+    text = (RECIPES / "tiny-sdxl-fp16fix.yaml").read_text()
+    reformatted = tmp_path / "tiny-sdxl-fp16fix.yaml"
+    reformatted.write_text("# a comment\n" + text.replace("{weights: fp16}", "\n    weights: fp16"))
+    assert recipe_digest(load_recipe(reformatted)) == recipe_digest(load_recipe(RECIPES / "tiny-sdxl-fp16fix.yaml"))
+
+
+def test_local_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text("schema_version: 1\nname: r\nbase: {local: {path: ../pipe}}\n")
+    recipe = load_recipe(path)
+    assert recipe.base.local is not None and recipe.base.local.path == (tmp_path / "pipe").resolve()
+
+
+def test_json_schema_file_is_current() -> None:
+    on_disk = json.loads((PROJECT_ROOT / "recipe.schema.json").read_text())
+    assert on_disk == json_schema(), "recipe.schema.json is stale: run `just schema`"
+
+
+def test_every_field_has_a_description() -> None:
+    schema = json_schema()
+    missing = [
+        f"{model}.{field}"
+        for model, definition in [("Recipe", schema), *schema["$defs"].items()]
+        for field, prop in definition.get("properties", {}).items()
+        if not prop.get("description")
+    ]
+    assert missing == []
