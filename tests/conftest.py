@@ -130,3 +130,36 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     yield cache
+
+
+# ----------------------------------------------------------------------------- shared builds
+# A tiny convert costs about a minute and a half here: build the embedded default once per
+# session and share it. Generated sources live in the session's artifacts/sources and are
+# reused by every test that builds from a `generated:` source.
+
+
+@pytest.fixture(scope="session")
+def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def tiny_build(artifacts_root: Path):  # -> convert.build.BuildResult
+    from convert.build import build
+    from convert.workspace import PROJECT_ROOT, Workspace
+
+    return build(PROJECT_ROOT / "recipes" / "tiny-sdxl-fp16fix.yaml", Workspace(artifacts=artifacts_root))
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(artifacts_root: Path) -> dict[str, Path]:
+    """The generated tiny pipeline and its FP16-fixed VAE as folders (diffusers layout)."""
+    from convert.recipe import GeneratedSource, Source
+    from convert.resolve import materialize_generated
+    from convert.workspace import Workspace
+
+    workspace = Workspace(artifacts=artifacts_root)
+    return {
+        name: materialize_generated(Source(generated=GeneratedSource(generator=name, seed=0)), workspace)
+        for name in ("tiny-sdxl-base", "tiny-sdxl-vae-fp16-fix")
+    }
