@@ -87,7 +87,7 @@ def _configure_logging(verbose: bool, as_json: bool) -> None:
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    return Console(stderr=stderr, log_path=False)
 
 
 def _workspace(args: argparse.Namespace) -> Any:
