@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from convert import package
-from convert.errors import ConvertError, FetchError, ValidationFailed
+from convert.capture import redirect_output
+from convert.errors import FetchError, ValidationFailed
 from convert.fetch import FetchedSource, fetch
 from convert.recipe import Recipe, load_recipe
-from convert.resolve import GENERATOR_VERSION, Resolution, generated_dir, resolve, resolve_source, source_roles
+from convert.resolve import Resolution, generated_dir, resolve, resolve_source, source_roles
 from convert.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,9 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     recipe = load_recipe(recipe_path)
-    notify("resolve: pinning sources")
-    resolution = resolve(recipe, recipe_path, workspace)
+    notify("resolve: pinning sources (generated sources are built on first use)")
+    with redirect_output(workspace.log_file(recipe.name, "resolve")):
+        resolution = resolve(recipe, recipe_path, workspace)
     timings["resolve"] = time.monotonic() - t0
     build_id = resolution.build_id
     dest = workspace.bundle_dir(recipe.name, build_id)
@@ -142,8 +144,11 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
     shutil.rmtree(staging, ignore_errors=True)
     bundle_dir = staging / "bundle"
     bundle_dir.mkdir(parents=True)
+    log_path = workspace.log_file(recipe.name)
+    log_path.unlink(missing_ok=True)
     try:
-        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings)
+        with redirect_output(log_path):
+            return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -225,5 +230,3 @@ def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> Bui
         sources=[s.lock_entry() for s in resolution.sources],
     )
 
-
-__all__ = ["BuildResult", "Plan", "build", "plan", "ConvertError", "GENERATOR_VERSION"]

@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool, as_json: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # our own warnings stay visible while a build sends the libraries' output to its log file
+    stream = os.fdopen(os.dup(2), "w", buffering=1)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=stream, force=True)
     if not verbose:
         for noisy in ("nncf", "optimum", "transformers", "diffusers", "torch", "openvino"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -88,6 +90,13 @@ def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     return Console(stderr=stderr, log_path=False)
+
+
+def _progress_console() -> Any:
+    """A console on a duplicate of the terminal's stderr: builds redirect fd 2 to their log."""
+    from rich.console import Console
+
+    return Console(file=os.fdopen(os.dup(2), "w", buffering=1), log_path=False, stderr=True)
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -116,7 +125,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         else:
             _render_plan(plan)
         return EXIT_OK
-    console = _console(stderr=True)
+    console = _progress_console()
     with console.status("starting", spinner="dots") as status:
         def progress(message: str) -> None:
             console.log(message, highlight=False)

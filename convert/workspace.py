@@ -32,6 +32,10 @@ class Workspace:
     def staging(self) -> Path:
         return self.artifacts / ".staging"
 
+    def log_file(self, recipe_name: str, stage: str = "build") -> Path:
+        """Converter output of the latest build of a recipe (kept: it explains failures)."""
+        return self.artifacts / "logs" / f"{recipe_name}.{stage}.log"
+
     def bundle_dir(self, recipe_name: str, build_id: str) -> Path:
         return self.artifacts / recipe_name / build_id
 
