@@ -7,6 +7,7 @@ folder of links to just the selected, sha256-verified files.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -72,6 +73,8 @@ def select_files(
     by_path = {f.path: f for f in files}
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     chosen: list[SourceFile] = []
+    if prefix and not any(p.startswith(prefix) for p in by_path):
+        raise FetchError(f"{role}: the source has no folder {prefix}", hint="check the subfolder in the recipe")
     if folders is None:
         groups = {prefix: [p for p in by_path if p.startswith(prefix) and "/" not in p[len(prefix):]]}
     else:
@@ -162,51 +165,96 @@ def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, skip_
 
 
 def _download(resolved: ResolvedSource, selected: list[SourceFile], cache_dir: Path | None) -> tuple[Path, int]:
+    """snapshot_download of exactly the selected files at the pinned commit; returns (snapshot, bytes fetched).
+
+    Pinned to the commit (never the branch) so a push between resolve and fetch cannot change
+    what is built; with a commit revision the client answers cached files without any request.
+    Downloads land in the HF cache only: an interrupted run leaves nothing in the build.
+    """
     from huggingface_hub import snapshot_download
 
     assert resolved.source.hub is not None
     repo = resolved.source.hub.repo
-    before = _cache_size(cache_dir)
+    missing_before = [f for f in selected if not _blob_path(repo, f, cache_dir).is_file()]
+    log.info("%s: %d of %d files to download from %s@%s", resolved.role, len(missing_before), len(selected),
+             repo, resolved.commit[:12])
     try:
-        folder = snapshot_download(
-            repo_id=repo,
-            revision=resolved.commit,
-            allow_patterns=[f.path for f in selected],
-            cache_dir=str(cache_dir) if cache_dir else None,
+        folder = Path(
+            snapshot_download(
+                repo_id=repo,
+                revision=resolved.commit,
+                allow_patterns=[glob_escape(f.path) for f in selected],
+                cache_dir=str(cache_dir) if cache_dir else None,
+            )
         )
-    except Exception as e:
+    except Exception as e:  # every client error becomes one line (hub_error)
         raise hub_error(resolved.role, repo, resolved.commit, e) from e
-    return Path(folder), max(0, _cache_size(cache_dir) - before)
+    absent = [f.path for f in selected if not (folder / f.path).is_file()]
+    if absent:
+        raise FetchError(
+            f"{resolved.role}: {absent[0]} is not in {repo}@{resolved.commit}"
+            + (f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""),
+            hint="check the subfolder/variant in the recipe",
+        )
+    fetched = sum(f.size for f in missing_before if _blob_path(repo, f, cache_dir).is_file())
+    return folder, fetched
 
 
-def _cache_size(cache_dir: Path | None) -> int:
+def glob_escape(path: str) -> str:
+    """allow_patterns are fnmatch globs; a literal file name must not match anything else."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+def _blob_path(repo: str, f: SourceFile, cache_dir: Path | None) -> Path:
+    """Where the HF cache keeps a file's bytes: blobs/<etag>, the sha256 (LFS) or git blob id (regular)."""
     from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    root = cache_dir or Path(constants.HF_HUB_CACHE)
-    if not root.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    root = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+    etag = f.sha256 or f.git_oid or "-"
+    return root / repo_folder_name(repo_id=repo, repo_type="model") / "blobs" / etag
 
 
 def _verify(role: str, root: Path, selected: list[SourceFile]) -> None:
-    """sha256 of every file the source published a hash for; a mismatch evicts the cached blob."""
+    """Check every file against the hash its source published; a mismatch evicts the cached blob.
+
+    The client checks sizes only, so a corrupted transfer or cache would otherwise be built
+    and published. LFS files carry a sha256, regular Hub files a git blob id.
+    """
     for f in selected:
         path = root / f.path
         if not path.is_file():
             raise FetchError(f"{role}: {f.path} is missing after download", hint="retry; check the disk is not full")
         if path.stat().st_size != f.size:
             raise FetchError(f"{role}: {f.path} has {path.stat().st_size} bytes, expected {f.size}", hint="retry")
-        if f.sha256 is None:
+        expected, actual = _expected_and_actual(f, path)
+        if expected is None or actual == expected:
             continue
-        actual = file_sha256(path)
-        if actual != f.sha256:
-            blob = path.resolve()
-            if blob != path and blob.is_file():
-                blob.unlink()  # a corrupt cached blob would fail every later build
-            raise FetchError(
-                f"{role}: sha256 mismatch for {f.path} (got {actual[:12]}, expected {f.sha256[:12]})",
-                hint="the download was corrupted; run again to download it afresh",
-            )
+        blob = path.resolve()
+        if blob != path.absolute() and blob.is_file():
+            blob.unlink()  # a corrupt cached blob would fail every later build
+        raise FetchError(
+            f"{role}: sha256 mismatch for {f.path} (got {actual[:12]}, expected {expected[:12]})"
+            if f.sha256 else f"{role}: git blob id mismatch for {f.path} (got {actual[:12]}, expected {expected[:12]})",
+            hint="the download was corrupted; run again to download it afresh",
+        )
+
+
+def _expected_and_actual(f: SourceFile, path: Path) -> tuple[str | None, str]:
+    if f.sha256 is not None:
+        return f.sha256, file_sha256(path)
+    if f.git_oid is not None:
+        return f.git_oid, git_blob_id(path)
+    return None, ""
+
+
+def git_blob_id(path: Path) -> str:
+    """git's id of a file's bytes: how the Hub names regular (non-LFS) files."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _link_view(root: Path, selected: list[SourceFile], dest: Path) -> None:

@@ -42,9 +42,16 @@ GENERATOR_VERSION = 1
 
 @dataclass(frozen=True)
 class SourceFile:
+    """One file of a pinned source, with the hashes fetch verifies the download against.
+
+    The Hub publishes a sha256 only for LFS files; for small regular files it gives the git
+    blob id instead, which is just as good a check (sha1 of ``blob <size>\\0<bytes>``).
+    """
+
     path: str
     size: int
-    sha256: str | None  # None only for small non-LFS Hub files (the Hub gives a git blob id for those)
+    sha256: str | None  # None only for small non-LFS Hub files
+    git_oid: str | None = None  # git blob id of non-LFS Hub files
 
 
 @dataclass(frozen=True)
@@ -201,34 +208,45 @@ def _remote_files(siblings: Iterable[Any]) -> Iterable[SourceFile]:
         lfs = getattr(s, "lfs", None)
         sha = lfs.sha256 if lfs is not None else None
         size = lfs.size if lfs is not None else (s.size or 0)
-        yield SourceFile(path=s.rfilename, size=int(size or 0), sha256=sha)
+        git_oid = None if lfs is not None else getattr(s, "blob_id", None)
+        yield SourceFile(path=s.rfilename, size=int(size or 0), sha256=sha, git_oid=git_oid)
 
 
 def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchError:
-    """Map huggingface_hub's exceptions to one line that says what to do."""
+    """Map huggingface_hub's exceptions to one line that says what to do.
+
+    The client wraps a failed metadata request of a download into LocalEntryNotFoundError
+    ("not in the cache"), which hides a gated repo or a 500; the cause is what the user needs.
+    """
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
+    if isinstance(error, hf_errors.LocalEntryNotFoundError) and isinstance(error.__cause__, Exception):
+        error = error.__cause__
     name = f"{role}: {repo}@{revision}"
     if isinstance(error, hf_errors.GatedRepoError):
         return FetchError(
             f"{name} is gated",
-            hint=f"accept the licence on the repo's page on the Hub and set HF_TOKEN to a token of that account",
+            hint=f"accept the licence at {constants.ENDPOINT}/{repo} and set HF_TOKEN to a token of that account",
         )
     if isinstance(error, hf_errors.RevisionNotFoundError):
         return FetchError(f"{name}: revision not found", hint="check the branch, tag or commit in the recipe")
     if isinstance(error, hf_errors.RepositoryNotFoundError):
-        return FetchError(
-            f"{name}: repository not found", hint="check the repo id; if it is private, set HF_TOKEN"
-        )
-    if isinstance(error, hf_errors.EntryNotFoundError):
-        return FetchError(f"{name}: file not found ({error})", hint="check the subfolder/variant in the recipe")
+        return FetchError(f"{name}: repository not found", hint="check the repo id; if it is private, set HF_TOKEN")
+    if isinstance(error, hf_errors.RemoteEntryNotFoundError):
+        return FetchError(f"{name}: file not found on the Hub", hint="check the subfolder/variant in the recipe")
     if isinstance(error, hf_errors.HfHubHTTPError):
-        return FetchError(f"{name}: Hub error ({str(error).splitlines()[0]})", hint="retry later")
+        response = getattr(error, "response", None)
+        status = response.status_code if response is not None else None
+        if status in (401, 403):
+            return FetchError(f"{name}: access denied (HTTP {status})", hint="set HF_TOKEN to a token that can read it")
+        return FetchError(f"{name}: the Hub answered HTTP {status}", hint="retry later; files already downloaded are reused")
+    if isinstance(error, hf_errors.LocalEntryNotFoundError):
+        return FetchError(f"{name}: not downloaded and not in the cache", hint="check the network or HF_ENDPOINT and retry")
     if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
-        from huggingface_hub import constants
-
         return FetchError(
             f"{name}: the Hub is unreachable at {constants.ENDPOINT} ({type(error).__name__})",
             hint="check the network or HF_ENDPOINT, or use a local source",
         )
-    return FetchError(f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return FetchError(f"{name}: {type(error).__name__}: {first_line}")
