@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ConvertError
+from convert.errors import ConvertError, ValidationFailed
 
 EXIT_OK = 0
 EXIT_USAGE = 64  # argparse-level mistakes; stage errors use ConvertError.exit_code (2..8)
@@ -34,12 +34,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             log.exception("failed")
         if args.json:
-            print(json.dumps({"status": "error", "error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}))
-        _console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            payload = {"status": "error", "error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
+            if isinstance(e, ValidationFailed):
+                payload |= {"failures": e.failures, "moved_to": str(e.path)}
+            print(json.dumps(payload))
+        _print_error(e)
         return e.exit_code
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted; nothing was published and no bundle was half-written")
         return 130
+
+
+def _print_error(error: ConvertError) -> None:
+    """One line per problem: a failed gate lists each failing check on its own line."""
+    console = _console(stderr=True)
+    if isinstance(error, ValidationFailed):
+        console.print(f"[bold red]error:[/] validation failed; build kept for inspection in {error.path} "
+                      "(never publishable)", highlight=False, soft_wrap=True)
+        for failure in error.failures:
+            console.print(f"  {failure}", highlight=False, soft_wrap=True, markup=False)
+        return
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
 
 
 def _parser() -> argparse.ArgumentParser:
