@@ -201,10 +201,10 @@ def _render_plan(plan: Any) -> None:
 
     console = _console()
     console.print(f"[bold]Plan for {plan.recipe.name}[/] ({plan.recipe_path})")
-    sources = Table("role", "source", "commit", title="Sources")
+    console.print("[bold]Sources[/]")
     for s in plan.sources:
-        sources.add_row(s.role, s.source, s.commit or f"[yellow]{s.note}[/]")
-    console.print(sources)
+        pinned = s.commit or f"[yellow]{s.note}[/]"
+        console.print(f"  {s.role}: {s.source}\n      -> {pinned}", highlight=False, soft_wrap=True)
     comps = Table("component", "weights", "runs at", "runtime options", title=f"Components (target {plan.recipe.target.device})")
     for c in plan.components:
         comps.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-",

@@ -33,17 +33,21 @@ def native_resolution(pipeline: Any) -> int:
 def describe_checks(recipe: Recipe) -> list[str]:
     """The plan's view of the gate (no heavy imports)."""
     v = recipe.validation
-    size = f"{v.resolution}x{v.resolution}" if v.resolution else "native resolution"
+    full = f"{v.resolution}x{v.resolution}" if v.resolution else "native resolution"
+    n_full = min(v.full_resolution_images, len(v.images))
+    inputs = [f"{', '.join(v.images[:n_full])} at {full}"] if n_full else []
+    if v.images[n_full:]:
+        inputs.append(f"{', '.join(v.images[n_full:])} at {v.small_resolution}x{v.small_resolution}")
     lines = []
     for part in v.components:
         if not recipe.settings_for(part).export:
             continue
         for precision in recipe.precisions_for(part):
+            how = "" if precision == "f32" else f" (on {recipe.target.device} if present and really {precision}, else emulated)"
+            denoise = f"; {v.denoise_steps}-step denoise latents" if v.denoise_steps and part == "vae_decoder" else ""
             lines.append(
-                f"{part} at {precision} (real where {recipe.target.device} runs it, else emulated): "
-                f"non-finite <= {v.max_non_finite}, PSNR >= {v.min_psnr_db:g} dB vs original VAE f32; "
-                f"inputs: {', '.join(v.images)} at {size}"
-                + (f" + {v.denoise_steps}-step denoise latents" if v.denoise_steps and part == "vae_decoder" else "")
+                f"{part} at {precision}{how}: non-finite <= {v.max_non_finite}, PSNR >= {v.min_psnr_db:g} dB "
+                f"vs original VAE f32; inputs: {'; '.join(inputs)}{denoise}"
             )
     if "vae" in recipe.substitutions and v.check_original:
         lines.append("original VAE at the same precisions, for comparison (reported, never gates)")
