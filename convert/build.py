@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,36 +148,42 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
     log_path = workspace.log_file(recipe.name)
     log_path.unlink(missing_ok=True)
     try:
-        with redirect_output(log_path):
-            return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings)
+        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def _stage(name: str, timings: dict[str, float], log: Path | None = None) -> Iterator[None]:
+    """Time a stage; with `log`, its libraries' output goes there instead of the terminal."""
+    started = time.monotonic()
+    with redirect_output(log) if log else nullcontext():
+        yield
+    timings[name] = time.monotonic() - started
+
+
 def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: Path, workspace: Workspace,
-                notify: Progress, timings: dict[str, float]) -> BuildResult:
+                notify: Progress, timings: dict[str, float], log: Path) -> BuildResult:
     from convert.export import export_pipeline
     from convert.patch import patch
     from validate.checks import run_validation
 
     recipe = resolution.recipe
-    t = time.monotonic()
     fetched: dict[str, FetchedSource] = {}
-    for source in resolution.sources:
-        notify(f"fetch: {source.role} ({source.source.describe()})")
-        fetched[source.role] = fetch(source, staging / "sources" / source.role.replace(".", "_"), cache_dir=workspace.hf_cache)
-    timings["fetch"] = time.monotonic() - t
+    with _stage("fetch", timings):  # not redirected: the Hub client's download bars stay visible
+        for source in resolution.sources:
+            notify(f"fetch: {source.role} ({source.source.describe()})")
+            folder = staging / "sources" / source.role.replace(".", "_")
+            fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache)
 
-    t = time.monotonic()
-    notify("patch: loading the pipeline and substituting components")
-    substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role != "base"}
-    allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
-    patched = patch(fetched["base"], substitutes, allow)
-    timings["patch"] = time.monotonic() - t
+    with _stage("patch", timings, log):
+        notify("patch: loading the pipeline and substituting components")
+        substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role != "base"}
+        allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
+        patched = patch(fetched["base"], substitutes, allow)
 
-    t = time.monotonic()
-    exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify)
-    timings["export"] = time.monotonic() - t
+    with _stage("export", timings, log):
+        exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify)
     components = [
         {"name": e.name, "weights": e.weights,
          "inference_precision": recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
@@ -184,11 +191,10 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         for e in exported
     ]
 
-    t = time.monotonic()
-    notify("validate: decoding at the target precisions")
-    report = run_validation(bundle_dir, patched, recipe, notify)
-    timings["validate"] = time.monotonic() - t
-    report.write(bundle_dir / "validation")
+    with _stage("validate", timings, log):
+        notify("validate: decoding at the target precisions")
+        report = run_validation(bundle_dir, patched, recipe, notify)
+        report.write(bundle_dir / "validation")
     del patched
 
     package.write_json(bundle_dir / package.BUILD_INFO, package.build_info(resolution, components, report.fit_checks))
@@ -200,10 +206,9 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         broken = package.move_aside(bundle_dir, workspace.broken, resolution.build_id)
         raise ValidationFailed(report.failures, path=broken)
 
-    t = time.monotonic()
-    notify("package: manifest and atomic rename")
-    bundle = package.finalize(bundle_dir, dest, resolution.build_id)
-    timings["package"] = time.monotonic() - t
+    with _stage("package", timings):
+        notify("package: manifest and atomic rename")
+        bundle = package.finalize(bundle_dir, dest, resolution.build_id)
     return BuildResult(
         bundle=bundle.path,
         build_id=resolution.build_id,
