@@ -133,7 +133,6 @@ def _check_all(core: Any, model: Any, part: str, label: str, precision: str, rec
     device = recipe.target.device if recipe.target.device in core.available_devices else "CPU"
     mode = plan_execution(core, device, precision)  # type: ignore[arg-type]
     runnable = emulate(model, precision) if mode.emulated else model  # type: ignore[arg-type]
-    runner = compile_for(core, runnable, mode)
     in_name, _ = IO_NAMES[part]
     where = f"{mode.device}" + ("" if device == recipe.target.device else f" (target {recipe.target.device} not present)")
     execution = f"{'emulated' if mode.emulated else 'native'}: {mode.reason}"
@@ -142,6 +141,8 @@ def _check_all(core: Any, model: Any, part: str, label: str, precision: str, rec
         x = _input_of(part, s)
         if x is None:
             continue
+        # static shapes: the CPU plugin fuses each rounding subgraph (emulation ~+30% instead of ~+80%)
+        runner = compile_for(core, runnable, mode, {in_name: x[:1]})
         out = np.concatenate([next(iter(runner({in_name: x[j : j + 1]}).values())) for j in range(x.shape[0])])
         ref = refs[s.name]
         counts = count_non_finite(out)
