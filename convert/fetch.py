@@ -191,10 +191,12 @@ def _download(resolved: ResolvedSource, selected: list[SourceFile], cache_dir: P
         raise hub_error(resolved.role, repo, resolved.commit, e) from e
     absent = [f.path for f in selected if not (folder / f.path).is_file()]
     if absent:
+        # The client falls back to a partial cached snapshot when the Hub does not answer, and
+        # skips files the commit does not list: either way, these files are not here.
         raise FetchError(
-            f"{resolved.role}: {absent[0]} is not in {repo}@{resolved.commit}"
-            + (f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""),
-            hint="check the subfolder/variant in the recipe",
+            f"{resolved.role}: {absent[0]}" + (f" (+{len(absent) - 1} more)" if len(absent) > 1 else "")
+            + f" could not be downloaded from {repo}@{resolved.commit}",
+            hint="retry (the Hub may be unreachable); if it persists, check the subfolder/variant in the recipe",
         )
     fetched = sum(f.size for f in missing_before if _blob_path(repo, f, cache_dir).is_file())
     return folder, fetched

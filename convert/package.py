@@ -101,6 +101,7 @@ def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str,
     meta["license"] = recipe.base.license or "other"
     meta["tags"] = sorted({"openvino", "stable-diffusion-xl", "text-to-image", *(recipe.publish.tags if recipe.publish else [])})
     meta["upstream"] = {s.role: s.commit for s in resolution.sources}
+    meta["upstream_sources"] = {s.role: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
     meta["build_id"] = resolution.build_id
     meta["validation"] = headline

@@ -161,6 +161,33 @@ def test_second_fetch_downloads_zero_bytes(hub_server: HubServer, pipeline_repo:
     assert view(again, again.path) == {p: sha(files[p]) for p in EXPECTED_FP16}
 
 
+def test_cached_source_is_fetched_while_the_hub_is_down(hub_server: HubServer, pipeline_repo: tuple[str, dict[str, bytes]],
+                                                       tmp_path: Path) -> None:
+    repo, files = pipeline_repo
+    resolved, _ = resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path, dest="first")
+    start = len(hub_server.requests_log())
+    hub_server.fail_next("GET", rf"^/api/models/{repo}", status=503)
+    again = fetch(resolved, tmp_path / "second", cache_dir=tmp_path / "cache")
+    assert [s for _, _, s in hub_server.requests_log()[start:]] == [503]  # the one listing call failed; nothing else asked
+    assert again.bytes_downloaded == 0
+    assert view(again, again.path) == {p: sha(files[p]) for p in EXPECTED_FP16}
+
+
+def test_partially_cached_source_while_the_hub_is_down_says_retry(
+    hub_server: HubServer, pipeline_repo: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    repo, _ = pipeline_repo
+    resolved = resolve_source("base", hub_source(repo, variant="fp16"), Workspace(artifacts=tmp_path))
+    hub_server.fail_next("GET", rf"^/{repo}/resolve/.*/unet/diffusion_pytorch_model\.fp16\.safetensors$", status=500)
+    with pytest.raises(FetchError):
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")  # everything else is cached now
+    hub_server.fail_next("GET", rf"^/api/models/{repo}", status=503)
+    with pytest.raises(FetchError) as info:
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+    assert str(info.value).startswith("base: unet/diffusion_pytorch_model.fp16.safetensors could not be downloaded")
+    assert "; retry (the Hub may be unreachable)" in str(info.value)
+
+
 def test_standalone_vae_takes_diffusers_weights_only(hub_server: HubServer, hf_api: HfApi, new_repo_id: str,
                                                      tmp_path: Path) -> None:
     files = vae_files(new_repo_id)
@@ -304,8 +331,9 @@ def test_file_missing_from_the_pinned_commit(hf_api: HfApi, new_repo_id: str, tm
     with pytest.raises(FetchError) as info:
         fetch(stale, tmp_path / "view", cache_dir=tmp_path / "cache")
     assert str(info.value) == (
-        f"substitutions.vae: diffusion_pytorch_model.fp16.safetensors is not in {new_repo_id}@{resolved.commit}; "
-        "check the subfolder/variant in the recipe"
+        f"substitutions.vae: diffusion_pytorch_model.fp16.safetensors could not be downloaded from "
+        f"{new_repo_id}@{resolved.commit}; retry (the Hub may be unreachable); if it persists, check the "
+        "subfolder/variant in the recipe"
     )
 
 

@@ -23,7 +23,10 @@ from convert import package
 from convert.build import BuildResult, build
 from convert.cli import main as cli_main
 from convert.errors import PublishError
+from convert.fetch import fetch
 from convert.publish import apply_plan, plan_publish, publish
+from convert.recipe import load_recipe
+from convert.resolve import resolve
 from convert.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 pytestmark = [
     pytest.mark.hub,
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),  # plain-LFS PUT inside the client
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),  # tracing the tiny models during the one build
 ]
 
 #: Files real upstream repos carry that a build must never download.
@@ -49,6 +53,8 @@ class HubBuild:
     vae_repo: str
     upstream: dict[str, str]  # role -> upstream commit
     build_requests: list[tuple[str, str, int]]
+    recipe: Path
+    workspace: Workspace
 
 
 def _seed_upstream(api: HfApi, root: Path, suffix: str) -> tuple[str, str, dict[str, str]]:
@@ -69,7 +75,7 @@ def _seed_upstream(api: HfApi, root: Path, suffix: str) -> tuple[str, str, dict[
     return base_repo, vae_repo, commits
 
 
-def _recipe(base_repo: str, vae_repo: str) -> str:
+def _recipe(base_repo: str, vae_repo: str, publish_repo: str) -> str:
     return f"""schema_version: 1
 name: hub-tiny-sdxl
 description: Tiny SDXL from the (local) Hub, pinned by branch, with the FP16-fixed VAE.
@@ -90,7 +96,7 @@ components:
   vae_encoder: {{weights: fp16}}
 target: {{device: GPU, inference_precision: [f16]}}
 validation: {{resolution: 64, small_resolution: 32, denoise_steps: 0, images: [astronaut], check_original: false}}
-publish: {{repo: test-user/hub-tiny-sdxl-ov, private: true, tags: [tiny, test]}}
+publish: {{repo: {publish_repo}, private: true, tags: [tiny, test]}}
 """
 
 
@@ -103,10 +109,12 @@ def hub_build(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -
     suffix = hashlib.sha1(str(root).encode()).hexdigest()[:8]
     base_repo, vae_repo, upstream = _seed_upstream(api, root / "upstream", suffix)
     recipe = root / "hub-tiny-sdxl.yaml"
-    recipe.write_text(_recipe(base_repo, vae_repo))
+    recipe.write_text(_recipe(base_repo, vae_repo, f"test-user/hub-tiny-sdxl-ov-{suffix}"))
+    workspace = Workspace(artifacts=root / "artifacts", hf_cache=root / "hf-cache")
     start = len(hub_server.requests_log())
-    result = build(recipe, Workspace(artifacts=root / "artifacts", hf_cache=root / "hf-cache"))
-    return HubBuild(result.bundle, result, base_repo, vae_repo, upstream, hub_server.requests_log()[start:])
+    result = build(recipe, workspace)
+    return HubBuild(result.bundle, result, base_repo, vae_repo, upstream, hub_server.requests_log()[start:], recipe,
+                    workspace)
 
 
 def _copy(bundle: Path, dest: Path) -> Path:
@@ -151,6 +159,12 @@ def test_hub_round_trip_convert_publish_download_generate(hub_server: HubServer,
     assert base_weights == {"text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors",
                             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"}
     assert not set(DISTRACTORS) & fetched[hub_build.base_repo]
+    # a second run reuses the HF cache: 0 bytes, not a single file request
+    start = len(hub_server.requests_log())
+    resolution = resolve(load_recipe(hub_build.recipe), hub_build.recipe, hub_build.workspace)
+    again = [fetch(s, tmp_path / "refetch" / s.role, cache_dir=hub_build.workspace.hf_cache) for s in resolution.sources]
+    assert resolution.build_id == hub_build.result.build_id and [f.bytes_downloaded for f in again] == [0, 0]
+    assert [p for _, p, _ in hub_server.requests_log()[start:] if "/resolve/" in p] == []
 
     # publish: one commit, tagged with the build id, private by the recipe
     result = publish(bundle, repo=new_repo_id)
@@ -171,6 +185,8 @@ def test_hub_round_trip_convert_publish_download_generate(hub_server: HubServer,
     assert card["license"] == "apache-2.0" and card["substitution_licenses"] == {"vae": "mit"}
     assert {"openvino", "tiny", "test"} <= set(card["tags"])
     assert card["upstream"] == hub_build.upstream and card["build_id"] == hub_build.result.build_id
+    assert card["upstream_sources"] == {"base": f"hub:{hub_build.base_repo}@main",
+                                        "substitutions.vae": f"hub:{hub_build.vae_repo}@main"}
     assert card["validation"]["passed"] is True and card["validation"]["f16"]["non_finite"] == 0
 
     # download into a fresh cache: exactly the bundle, byte for byte
@@ -236,6 +252,17 @@ def test_dry_run_lists_the_plan_and_changes_nothing(hub_server: HubServer, hf_ap
     again = publish(hub_build.bundle, repo=new_repo_id, dry_run=True)
     assert again.files == () and again.deleted == () and again.commit == published.commit
     assert _writes(hub_server, start) == []
+
+
+def test_default_target_and_visibility_come_from_the_recipe(hf_api: HfApi, hub_build: HubBuild,
+                                                            new_repo_id: str) -> None:
+    recipe = json.loads((hub_build.bundle / package.BUILD_INFO).read_text())["recipe"]
+    result = publish(hub_build.bundle)
+    assert result.repo == recipe["publish"]["repo"] and result.created_repo
+    assert hf_api.model_info(result.repo).private is True
+
+    public = publish(hub_build.bundle, repo=new_repo_id, private=False)
+    assert hf_api.model_info(public.repo).private is False
 
 
 # ----------------------------------------------------------------------------- refusals and failures
@@ -312,6 +339,7 @@ def test_the_token_never_reaches_logs_results_or_the_bundle(hub_server: HubServe
     from conftest import HF_TEST_TOKEN
 
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")  # the client's own debug lines too
     outputs = [json.dumps(publish(hub_build.bundle, repo=new_repo_id, dry_run=True).to_json()),
                json.dumps(publish(hub_build.bundle, repo=new_repo_id).to_json())]
     hub_server.fail_next("POST", r"/commit/")
