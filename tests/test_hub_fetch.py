@@ -308,6 +308,18 @@ def test_missing_repo(tmp_path: Path) -> None:
     )
 
 
+def test_private_repo_without_a_token_says_set_hf_token(hf_api: HfApi, new_repo_id: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    hf_api.create_repo(new_repo_id, private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(FetchError) as info:
+        resolve_and_fetch("base", hub_source(new_repo_id), tmp_path)
+    assert str(info.value) == (
+        f"base: {new_repo_id}@main: repository not found; check the repo id; if it is private, set HF_TOKEN"
+    )
+
+
 def test_missing_revision(pipeline_repo: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     repo, _ = pipeline_repo
     with pytest.raises(FetchError) as info:

@@ -254,12 +254,15 @@ def test_dry_run_lists_the_plan_and_changes_nothing(hub_server: HubServer, hf_ap
     assert _writes(hub_server, start) == []
 
 
-def test_default_target_and_visibility_come_from_the_recipe(hf_api: HfApi, hub_build: HubBuild,
-                                                            new_repo_id: str) -> None:
+def test_convert_publish_targets_the_recipes_repo_privately(hf_api: HfApi, hub_build: HubBuild, new_repo_id: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     recipe = json.loads((hub_build.bundle / package.BUILD_INFO).read_text())["recipe"]
-    result = publish(hub_build.bundle)
-    assert result.repo == recipe["publish"]["repo"] and result.created_repo
-    assert hf_api.model_info(result.repo).private is True
+    artifacts = str(hub_build.workspace.artifacts)
+    assert cli_main(["--artifacts", artifacts, "--json", "convert", str(hub_build.recipe), "--publish"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "reused" and shown["bundle"] == str(hub_build.bundle)  # same build id: no rebuild
+    assert shown["published"]["repo"] == recipe["publish"]["repo"] and shown["published"]["committed"] is True
+    assert hf_api.model_info(recipe["publish"]["repo"]).private is True
 
     public = publish(hub_build.bundle, repo=new_repo_id, private=False)
     assert hf_api.model_info(public.repo).private is False
