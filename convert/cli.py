@@ -190,7 +190,10 @@ def _publish(bundle: Path, repo: str | None, dry_run: bool) -> dict[str, Any]:
 
 def _publish_line(result: dict[str, Any]) -> str:
     if result.get("dry_run"):
-        return f"would upload {len(result['files'])} files to {result['repo']}"
+        lines = [f"would upload {len(result['files'])} files to {result['repo']} "
+                 f"({result.get('unchanged', 0)} unchanged, {len(result.get('deleted', []))} to delete):"]
+        lines += [f"  + {path}" for path in result["files"]] + [f"  - {path}" for path in result.get("deleted", [])]
+        return "\n".join(lines)
     if not result.get("committed"):
         return f"{result['repo']} already holds this bundle at {result['commit']} (no new commit)"
     return f"published to {result['repo']} at {result['commit']} (tag {result['tag']})"
