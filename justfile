@@ -29,7 +29,7 @@ setup:
     "{{bin}}/python" -m pip install -q -c constraints.txt $deps
     # 3. optimum-intel without its dependencies (all of them except torchvision are installed above)
     "{{bin}}/python" -m pip install -q -c constraints.txt --no-deps optimum-intel
-    "{{bin}}/python" -m pip install -q --no-deps --no-build-isolation -e .
+    PYTHONWARNINGS=ignore "{{bin}}/python" -m pip install -q --no-deps --no-build-isolation -e .  # quiet setuptools editable-install notices
     "{{bin}}/python" scripts/deps.py --check
     rm -f "{{venv}}"/.installed-*
     touch "$stamp"

@@ -224,7 +224,8 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
 
     console = _console()
     headline = result.headline
-    table = Table("component", "weights", "runs at", title=f"{'Reused' if result.reused else 'Built'} {result.bundle}")
+    console.print(f"[bold]{'Reused' if result.reused else 'Built'}[/] {result.bundle}", highlight=False, soft_wrap=True)
+    table = Table("component", "weights", "runs at")
     for c in result.components:
         table.add_row(c["name"], c["weights"], ", ".join(c.get("inference_precision", [])) or "-")
     console.print(table)
@@ -235,6 +236,7 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
             extra = f"; original VAE: {orig['non_finite']}/{orig['values']} non-finite" if orig else ""
             console.print(f"validation {precision}: {h['non_finite']}/{h['values']} non-finite, "
                           f"min PSNR {h['min_psnr_db']} dB{extra}", highlight=False)
+    console.print(f"report: {result.bundle / 'validation' / 'report.md'}", highlight=False, soft_wrap=True)
     if result.timings:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), highlight=False)
     if published:
