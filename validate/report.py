@@ -98,7 +98,10 @@ class ValidationReport:
             "failures": self.failures,
             "fit_checks": self.fit_checks,
             "inputs": self.inputs,
-            "checks": [_jsonable(asdict(c)) | {"invalid": c.invalid, "passed": c.passed} for c in self.checks],
+            "checks": [
+                _jsonable(asdict(c) | {"invalid": c.invalid, "passed": c.passed, "f16_headroom": _headrooms(c)})
+                for c in self.checks
+            ],
             "samples": self.samples,
         }
 
@@ -119,6 +122,14 @@ class ValidationReport:
                 f"{c.invalid}/{c.total} ({c.nan} / {c.posinf} / {c.neginf}) | {_fmt(c.psnr_db)} | "
                 f"{_fmt(act, '.3g')} | {verdict_cell} |"
             )
+        tapped = [c for c in self.checks if c.max_abs_activation]
+        if tapped:
+            lines += ["", "Max |activation| per block (f32 run) and f16 headroom (65504 / max; below 1 overflows):", "",
+                      "| component | VAE | block | max abs | headroom |", "|---|---|---|---|---|"]
+            for c in tapped:
+                for block, value in c.max_abs_activation.items():
+                    lines.append(f"| {c.component} | {c.vae} | {block} | {_fmt(value, '.4g')} | "
+                                 f"{_fmt(_headrooms(c)[block], '.3g')} |")
         if self.failures:
             lines += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]
         if self.inputs:
@@ -136,9 +147,20 @@ class ValidationReport:
         (folder / "report.md").write_text("# Validation report\n\n" + self.to_markdown())
 
 
+def _headrooms(check: CheckResult) -> dict[str, float]:
+    from validate.metrics import headroom
+
+    return {block: headroom(value) for block, value in check.max_abs_activation.items()}
+
+
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     """JSON has no infinity: an exact match (PSNR inf) is written as the string "inf"."""
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return "inf" if isinstance(v, float) and math.isinf(v) else v
+
+    return clean(row)
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:

@@ -1,0 +1,39 @@
+"""The report's JSON stays strict JSON and its verdict logic cannot be fooled by NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from validate.report import CheckResult, ValidationReport
+
+
+def check(**kw: object) -> CheckResult:
+    base = dict(component="vae_decoder", vae="substituted", precision="f16", execution="emulated: no f16 here",
+                device="CPU", input_set="images@64", total=12, nan=0, posinf=0, neginf=0, psnr_db=55.0)
+    base.update(kw)
+    return CheckResult(**base)  # type: ignore[arg-type]
+
+
+def test_json_is_strict_even_with_infinities() -> None:
+    rows = [check(psnr_db=math.inf, max_abs_activation={"decoder.conv_in": 0.0, "decoder.up_blocks.2": 1.7e5})]
+    text = json.dumps(ValidationReport(rows, {"max_non_finite": 0, "min_psnr_db": 40}).to_json(), allow_nan=False)
+    row = json.loads(text)["checks"][0]
+    assert row["psnr_db"] == "inf"
+    assert row["f16_headroom"]["decoder.conv_in"] == "inf"
+    assert row["f16_headroom"]["decoder.up_blocks.2"] < 1
+
+
+def test_original_rows_never_gate_and_no_rows_fail() -> None:
+    failing_original = check(vae="original", nan=12, psnr_db=None, failures=["x"], gating=False)
+    assert ValidationReport([check(), failing_original], {"max_non_finite": 0, "min_psnr_db": 40}).passed
+    empty = ValidationReport([failing_original], {"max_non_finite": 0, "min_psnr_db": 40})
+    assert not empty.passed and "no validation check ran" in empty.failures[0]
+
+
+def test_headline_counts_and_markdown() -> None:
+    bad = check(nan=10, posinf=1, neginf=1, psnr_db=None, failures=["vae_decoder f16: 12/12 non-finite"])
+    report = ValidationReport([bad], {"max_non_finite": 0, "min_psnr_db": 40})
+    assert report.headline()["f16"] == {"non_finite": 12, "values": 12, "min_psnr_db": None}
+    text = report.to_markdown()
+    assert "FAILED" in text and "12/12 (10 / 1 / 1)" in text and "vae_decoder f16: 12/12 non-finite" in text
