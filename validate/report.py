@@ -91,7 +91,7 @@ class ValidationReport:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        return _jsonable({
             "passed": self.passed,
             "headline": self.headline(),
             "thresholds": self.thresholds,
@@ -99,11 +99,11 @@ class ValidationReport:
             "fit_checks": self.fit_checks,
             "inputs": self.inputs,
             "checks": [
-                _jsonable(asdict(c) | {"invalid": c.invalid, "passed": c.passed, "f16_headroom": _headrooms(c)})
+                asdict(c) | {"invalid": c.invalid, "passed": c.passed, "f16_headroom": _headrooms(c)}
                 for c in self.checks
             ],
             "samples": self.samples,
-        }
+        })
 
     def to_markdown(self, image_dir: str = ".") -> str:
         verdict = "PASSED" if self.passed else "FAILED"
