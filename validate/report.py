@@ -158,6 +158,8 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     def clean(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
         return "inf" if isinstance(v, float) and math.isinf(v) else v
 
     return clean(row)
