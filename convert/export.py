@@ -1,9 +1,13 @@
 """Stage 4: every submodel to OpenVINO IR, weights per component as the recipe says.
 
-optimum-intel exports the in-memory pipeline (substitutes included) at fp32 — we pass
-an explicit fp32 config so none of its silent defaults (int8 for >1B-weight models,
-fp16 compression on save) applies — then each IR is rewritten with its own weight
-format (fp16 compression or NNCF int8/int4) and the recipe's runtime options.
+One submodel at a time (convert.export_worker): load only its weights, trace it with a
+small example input, compress its weights in memory once the torch copy is gone, save,
+free. A full SDXL build thus never holds more than the UNet (in fp16 where that cannot
+change the result), instead of the whole pipeline plus optimum-intel's full-size trace.
+Each IR gets its own weight format (fp16 compression or NNCF int8/int4) and the
+recipe's runtime options. The bundle layout (folders, config.json files, model_index,
+scheduler, tokenizers) is the one optimum-intel's `export_from_model` writes; no silent
+default of optimum-intel applies (int8 for >1B-weight models, fp16 on save).
 """
 
 from __future__ import annotations
@@ -45,64 +49,84 @@ def export_pipeline(
 ) -> list[ExportedComponent]:
     """Export all submodels into `out_dir` (a staging folder the caller owns)."""
     notify = progress or (lambda _msg: None)
-    notify("export: tracing submodels with optimum-intel (fp32)")
     started = time.monotonic()
-    _export_fp32(patched.pipeline, out_dir)
-    trace_seconds = time.monotonic() - started
+    write_pipeline_files(patched.pipeline, out_dir)
     exported: list[ExportedComponent] = []
     for name in WEIGHTED_COMPONENTS:
-        xml = out_dir / name / OV_XML
         settings = recipe.settings_for(name)
         if not settings.export:
-            _drop(out_dir / name)
             continue
-        if not xml.is_file():
-            raise ExportError(f"{name}: optimum-intel wrote no {xml.name}", hint="run with -v to see the exporter log")
         notify(f"export: {name} -> {settings.weights}")
         t0 = time.monotonic()
-        options = rewrite_ir(xml, name, settings, recipe.precisions_for(name), build_id)
+        xml, options = export_submodel(patched, name, settings, recipe.precisions_for(name), build_id, out_dir / name)
         exported.append(ExportedComponent(name, xml, settings.weights, options, time.monotonic() - t0))
     exported += _export_tokenizers(patched.pipeline, recipe, out_dir, notify)
-    log.info("exported %d components in %.1f s (trace %.1f s)", len(exported), time.monotonic() - started, trace_seconds)
+    log.info("exported %d components in %.1f s", len(exported), time.monotonic() - started)
     return exported
 
 
-def _export_fp32(pipeline: Any, out_dir: Path) -> None:
-    from optimum.exporters.openvino import export_from_model
-    from optimum.intel import OVConfig
+def write_pipeline_files(pipeline: Any, out_dir: Path) -> None:
+    """model_index.json, scheduler and tokenizer files, as optimum-intel's export writes them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipeline.scheduler.save_pretrained(out_dir / "scheduler")
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipeline, name, None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir / name)
+    pipeline.save_config(out_dir)
 
+
+def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSettings, precisions: list[str],
+                    build_id: str, folder: Path) -> tuple[Path, dict[str, str]]:
+    """Trace, compress and save one submodel; returns its IR path and runtime options."""
+    from convert.export_worker import SUBMODELS, build_submodel, release_memory
+
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        export_from_model(pipeline, Path(out_dir), task="text-to-image", ov_config=OVConfig(dtype="fp32"))
-    except Exception as e:  # optimum raises bare Exceptions of many kinds; one line for the user
-        raise ExportError(f"optimum-intel export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        model = build_submodel(SUBMODELS[name], patched, settings.weights, folder)
+    except ExportError:
+        raise
+    except Exception as e:  # torch/optimum/OpenVINO raise many kinds; one line for the user
+        raise ExportError(f"{name}: conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                           hint="run with -v for the traceback") from e
+    model = compress_weights(model, name, settings)
+    options = finish_ir(model, settings, precisions, build_id)
+    xml = folder / OV_XML
+    save_atomically(model, xml, compress_to_fp16=settings.weights == "fp16")
+    del model
+    release_memory()
+    return xml, options
 
 
-def _drop(folder: Path) -> None:
-    import shutil
-
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
-def rewrite_ir(xml: Path, name: str, settings: ComponentSettings, precisions: list[str], build_id: str) -> dict[str, str]:
-    """Apply the component's weight format and rt_info, then replace the IR files atomically."""
+def save_atomically(model: Any, xml: Path, compress_to_fp16: bool) -> None:
+    """Write the IR under a temporary name, then rename: never a half-written openvino_model.*."""
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(xml)
-    model = compress_weights(model, name, settings)
+    tmp = xml.with_name(xml.stem + ".tmp.xml")
+    ov.save_model(model, tmp, compress_to_fp16=compress_to_fp16)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    tmp.replace(xml)
+
+
+def finish_ir(model: Any, settings: ComponentSettings, precisions: list[str], build_id: str) -> dict[str, str]:
+    """Recipe runtime options over optimum-intel's own, and our provenance, into the IR's rt_info."""
     options = {k: str(v) for k, v in _existing_runtime_options(model).items()} | dict(settings.runtime_options)
     for key, value in options.items():
         model.set_rt_info(value, ["runtime_options", key])
     model.set_rt_info(settings.weights, [RT_INFO_KEY, "weights"])
     model.set_rt_info(",".join(precisions), [RT_INFO_KEY, "inference_precision"])
     model.set_rt_info(build_id, [RT_INFO_KEY, "build_id"])
-    tmp = xml.with_name(xml.stem + ".tmp.xml")
-    ov.save_model(model, tmp, compress_to_fp16=settings.weights == "fp16")
-    del model
-    tmp.replace(xml)
-    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    return options
+
+
+def rewrite_ir(xml: Path, name: str, settings: ComponentSettings, precisions: list[str], build_id: str) -> dict[str, str]:
+    """Apply the component's weight format and rt_info to an IR on disk, replacing it atomically."""
+    import openvino as ov
+
+    model = ov.Core().read_model(xml)
+    model = compress_weights(model, name, settings)
+    options = finish_ir(model, settings, precisions, build_id)
+    save_atomically(model, xml, compress_to_fp16=settings.weights == "fp16")
     return options
 
 
@@ -157,3 +181,76 @@ def _export_tokenizers(pipeline: Any, recipe: Recipe, out_dir: Path, notify: Pro
                               hint="check openvino-tokenizers matches the openvino version")
         done.append(ExportedComponent(name, xml, "n/a"))
     return done
+
+
+# ----------------------------------------------------------------------------- parity with optimum-intel
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far one submodel's outputs are from a reference IR's on the same inputs."""
+
+    component: str
+    max_abs: float  # largest |ours - reference| over all outputs
+    ref_max_abs: float  # largest |reference| (scale of the outputs)
+    same_interface: bool  # input/output names, ranks and dynamic dimensions equal
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / self.ref_max_abs if self.ref_max_abs > 0 else self.max_abs
+
+
+def example_inputs(model: Any, latent_side: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Deterministic inputs for an SDXL submodel IR, from its input names and shapes.
+
+    Dynamic batch is 1, sequence 77, latents `latent_side` (images 8x that); token ids stay
+    below 256 so they fit every vocabulary; the UNet gets a mid-schedule timestep.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, Any] = {}
+    for port in model.inputs:
+        name, shape = port.get_any_name(), port.get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape]
+        if len(dims) == 4:
+            side = latent_side * (8 if dims[1] == 3 else 1)
+            dims = [1, dims[1], side, side]
+        else:
+            dims = [d if d is not None else (1 if i == 0 else 77) for i, d in enumerate(dims)]
+        dtype = port.get_element_type().to_dtype()
+        if name == "timestep":
+            inputs[name] = np.full(dims, 500, dtype)
+        elif np.issubdtype(dtype, np.integer):
+            inputs[name] = rng.integers(0, 256, dims).astype(dtype)
+        else:
+            inputs[name] = rng.standard_normal(dims).astype(dtype)
+    return inputs
+
+
+def _interface(model: Any) -> list[tuple[str, str, str]]:
+    ports = [("in", p.get_any_name(), str(p.get_partial_shape())) for p in model.inputs]
+    return ports + [("out", p.get_any_name(), str(p.get_partial_shape())) for p in model.outputs]
+
+
+def submodel_parity(component: str, ours: Path, reference: Path, latent_side: int = 8) -> Parity:
+    """Run two IRs of one submodel on the same inputs (CPU, f32) and compare every output by name."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    results = []
+    for xml in (ours, reference):
+        model = core.read_model(xml)
+        inputs = example_inputs(model, latent_side)
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        outputs = compiled(inputs)
+        results.append((_interface(model), {p.get_any_name(): np.asarray(outputs[p]) for p in compiled.outputs}))
+        del compiled, model
+    (ours_if, ours_out), (ref_if, ref_out) = results
+    common = [k for k in ref_out if k in ours_out and ours_out[k].shape == ref_out[k].shape]
+    if not common:
+        return Parity(component, float("inf"), 0.0, False)
+    max_abs = max(float(np.max(np.abs(ours_out[k].astype(np.float64) - ref_out[k]))) for k in common)
+    scale = max(float(np.max(np.abs(v))) for v in ref_out.values())
+    return Parity(component, max_abs, scale, ours_if == ref_if and len(common) == len(ref_out))

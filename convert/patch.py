@@ -1,18 +1,25 @@
-"""Stage 3: load the base pipeline with diffusers and substitute components, checking they fit.
+"""Stage 3: check substitutes fit the base pipeline, and say where every component's weights are.
 
 A VAE from another model family loads without complaint and decodes garbage (or
 nothing) hours later, so the fit checks run on the configs before any weight is read.
-The original components are kept: validation compares against the original VAE's f32 decode.
+
+Memory: the full pipeline in fp32 is ~14 GiB for SDXL, more than half of what a build
+may use. So only what validation needs is loaded here (the VAE and, if substituted, the
+original VAE, both fp32: they are small and are the f32 reference). The UNet and the
+text encoders are built without storage (on torch's meta device) so the pipeline object,
+its configs and `vae_scale_factor` work as usual; the export stage loads the real
+weights of one component at a time from `PatchedPipeline.weights`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from convert.errors import PatchError
 from convert.fetch import FetchedSource, parse_weight_name
@@ -20,16 +27,42 @@ from convert.fetch import FetchedSource, parse_weight_name
 log = logging.getLogger(__name__)
 
 Config = Mapping[str, Any]
+LoadDtype = Literal["fp32", "fp16"]
+
+#: Pipeline attributes whose weights are read lazily (one at a time, by the export stage).
+LAZY_COMPONENTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one component's weights live, and the dtype they are stored in."""
+
+    component: str  # diffusers attribute: vae, unet, text_encoder, text_encoder_2
+    folder: Path
+    variant: str | None
+    allow_pickle: bool
+    stored_dtype: str | None  # "fp16", "bf16", "fp32" from the safetensors header; None if unknown
+
+    def load(self, dtype: LoadDtype = "fp32") -> Any:
+        """The component with real weights in `dtype` (eval mode)."""
+        return load_component(self.component, self.folder, self.allow_pickle, dtype).eval()
 
 
 @dataclass
 class PatchedPipeline:
-    """The pipeline to export (substitutes in place) plus the originals they replaced."""
+    """The pipeline to export (substitutes in place) plus the originals they replaced.
+
+    `pipeline` is a real `StableDiffusionXLPipeline` whose VAE (fp32), tokenizers and
+    scheduler are loaded; its UNet and text encoders have no storage (meta tensors):
+    their weights are read from `weights` by the export stage, one component at a time.
+    `originals` holds the original VAE (fp32) when the VAE is substituted.
+    """
 
     pipeline: Any  # diffusers.StableDiffusionXLPipeline
     originals: dict[str, Any] = field(default_factory=dict)
     substituted: dict[str, str] = field(default_factory=dict)  # component -> source description
     checks: list[str] = field(default_factory=list)  # fit checks that passed, for the report
+    weights: dict[str, WeightSource] = field(default_factory=dict)  # component -> its (substituted) weights
 
 
 # ----------------------------------------------------------------------------- fit checks (pure)
@@ -106,10 +139,10 @@ FIT_CHECKS: dict[str, Callable[[Config, Config, Config], list[str]]] = {
 # ----------------------------------------------------------------------------- loading (I/O)
 
 
-def read_config(folder: Path, component: str) -> dict[str, Any]:
-    path = folder / "config.json"
+def read_config(folder: Path, component: str, filename: str = "config.json") -> dict[str, Any]:
+    path = folder / filename
     if not path.is_file():
-        raise PatchError(f"{component}: no config.json in {folder}", hint="the source must be in diffusers layout")
+        raise PatchError(f"{component}: no {filename} in {folder}", hint="the source must be in diffusers layout")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -138,43 +171,94 @@ def _loader(component: str) -> Any:
     return loaders[component]
 
 
-def load_component(component: str, folder: Path, allow_pickle: bool) -> Any:
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
+_SAFETENSORS_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
+
+
+def load_component(component: str, folder: Path, allow_pickle: bool, dtype: LoadDtype = "fp32") -> Any:
     import torch
 
     try:
         return _loader(component).from_pretrained(
-            folder,
+            folder,  # low_cpu_mem_usage (default): weights are read once, straight into their parameters
             variant=weights_variant(folder),
             use_safetensors=not allow_pickle,
-            torch_dtype=torch.float32,
+            torch_dtype=getattr(torch, _TORCH_DTYPES[dtype]),
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise PatchError(f"{component}: cannot load weights from {folder}: {str(e).splitlines()[0]}",
                          hint="check the source holds weights of this architecture") from e
 
 
+def stored_dtype(folder: Path, variant: str | None) -> str | None:
+    """Dtype of the first floating tensor in the variant's safetensors files, read from the header only.
+
+    Decides whether a component may be loaded in fp16 without changing its values.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        if (parse_weight_name(path.name) or ("", None))[1] != variant:
+            continue
+        with path.open("rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                return _SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
+
+
+def weight_source(component: str, folder: Path, allow_pickle: bool) -> WeightSource:
+    variant = weights_variant(folder)
+    return WeightSource(component, folder, variant, allow_pickle, stored_dtype(folder, variant))
+
+
+def _empty_component(component: str, folder: Path) -> Any:
+    """The component built from its config with parameters on the meta device (no memory, no init)."""
+    from accelerate import init_empty_weights
+
+    cls = _loader(component)
+    with init_empty_weights(include_buffers=False):
+        if component == "unet":
+            return cls.from_config(read_config(folder, component))
+        return cls(cls.config_class.from_pretrained(folder))
+
+
+def _light_part(folder: Path, spec: Any, component: str) -> Any:
+    """A tokenizer or scheduler, by the class model_index.json names."""
+    import diffusers
+    import transformers
+
+    library, cls_name = spec
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    if module is None or not hasattr(module, cls_name):
+        raise PatchError(f"base: {component} class {library}.{cls_name} is not supported",
+                         hint="the base must be a diffusers SDXL pipeline")
+    return getattr(module, cls_name).from_pretrained(folder / component)
+
+
 def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_pickle: Mapping[str, bool]) -> PatchedPipeline:
-    """Load the base pipeline with every substitute already in place (no reload round trip)."""
+    """Check substitutes fit, load the small parts, and record where the big weights are."""
     from diffusers import StableDiffusionXLPipeline
-    import torch
 
     unet_config = read_config(base.path / "unet", "unet")
-    replaced: dict[str, Any] = {}
     checks: list[str] = []
+    folders = {c: base.path / c for c in ("vae", *LAZY_COMPONENTS)}
+    pickle = {c: allow_pickle.get("base", False) for c in folders}
     for component, fetched in substitutes.items():
         new_config = read_config(fetched.path, component)
         old_config = read_config(base.path / component, component)
         checks += FIT_CHECKS[component](new_config, old_config, unet_config)
-        replaced[component] = load_component(component, fetched.path, allow_pickle.get(component, False))
+        folders[component], pickle[component] = fetched.path, allow_pickle.get(component, False)
         log.info("substituted %s from %s", component, fetched.role)
-    originals = {c: load_component(c, base.path / c, allow_pickle.get("base", False)) for c in substitutes}
+    weights = {c: weight_source(c, folders[c], pickle[c]) for c in folders}
+    originals = {"vae": load_component("vae", base.path / "vae", allow_pickle.get("base", False))} if "vae" in substitutes else {}
+    index = read_config(base.path, "base", "model_index.json")
     try:
-        pipeline = StableDiffusionXLPipeline.from_pretrained(
-            base.path,
-            **replaced,
-            variant=weights_variant(base.path / "unet"),
-            use_safetensors=not allow_pickle.get("base", False),
-            torch_dtype=torch.float32,
+        parts = {c: _empty_component(c, folders[c]) for c in LAZY_COMPONENTS}
+        parts |= {c: _light_part(base.path, index[c], c) for c in ("tokenizer", "tokenizer_2", "scheduler")}
+        pipeline = StableDiffusionXLPipeline(
+            vae=weights["vae"].load("fp32"), **parts,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
             add_watermarker=False,
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -185,4 +269,5 @@ def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_p
         originals=originals,
         substituted={c: f.role for c, f in substitutes.items()},
         checks=checks,
+        weights=weights,
     )

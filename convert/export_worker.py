@@ -1,0 +1,257 @@
+"""One submodel to an in-memory OpenVINO model: load its weights, trace it small, free the torch copy.
+
+Why not optimum-intel's `export_from_model` on the whole pipeline: it needs every
+component in memory at once (the SDXL pipeline is ~7 GiB in fp16, ~14 GiB in fp32),
+deep-copies the VAE twice and traces the UNet with a [2, 4, 127, 127] dummy, which
+peaked at 15.7 GiB here. This module does what optimum's `export_pytorch` does for
+one submodel (same export config, so the same input/output names, dynamic axes,
+model patcher and rt_info) with three changes that do not change the graph's results:
+
+* only this submodel is loaded, in fp16 where its IR ends up with fp16 weights anyway or
+  where the stored weights are fp16 (lossless), using OpenVINO's 16-bit tracing patch
+  exactly as optimum-cli does for fp16 checkpoints;
+* the example input is small (spatial sides reduced to 32..39, keeping the side modulo 8,
+  so the traced branches are the same) while every spatial axis stays dynamic;
+* the OpenVINO model is returned instead of saved, so weight compression can run on it
+  in memory after the torch module is gone (see `convert.export`).
+
+Parity with optimum's own export is tested in tests/test_export_parity.py and measured at
+full size by scripts/bench.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convert.patch import LoadDtype, PatchedPipeline, WeightSource
+
+log = logging.getLogger(__name__)
+
+SMALL_SIDE = 32  # example-input sides above this are reduced to SMALL_SIDE + side % 8
+VAE_SCALE_FACTOR_SDXL = "128.0"  # what optimum-intel writes for SDXL VAEs with force_upcast
+
+
+@dataclass(frozen=True)
+class SubmodelSpec:
+    """How one bundle folder is made from one pipeline component (a registry entry)."""
+
+    name: str  # bundle folder and optimum submodel name
+    component: str  # pipeline attribute holding the weights
+    task: str  # optimum exporter task for the export config
+    model_type: str | None  # explicit optimum model type (the VAE halves); None: from the model
+    prepare: Callable[[Any, Any], Any]  # (loaded component, pipeline) -> module to trace
+
+
+def _prepare_text_encoder(model: Any, _pipeline: Any) -> Any:
+    """SDXL reads hidden states of every layer: export them, as optimum does."""
+    from optimum.exporters.utils import _get_diffusers_submodel_type
+
+    model.config.output_hidden_states = True
+    if hasattr(model, "text_model"):
+        model.text_model.config.output_hidden_states = True
+    model.config.export_model_type = _get_diffusers_submodel_type(model)
+    return model
+
+
+def _prepare_unet(model: Any, pipeline: Any) -> Any:
+    """The config fields optimum adds before exporting an SDXL UNet (they shape its inputs)."""
+    from optimum.exporters.utils import _get_diffusers_submodel_type
+
+    model.config.model_max_length = getattr(pipeline.tokenizer_2, "model_max_length", None)
+    model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
+    model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
+    model.config.text_encoder_projection_dim = pipeline.text_encoder_2.config.projection_dim
+    model.config.export_model_type = _get_diffusers_submodel_type(model)
+    return model
+
+
+def _prepare_vae_encoder(vae: Any, _pipeline: Any) -> Any:
+    vae.forward = lambda sample: {"latent_parameters": vae.encode(x=sample)["latent_dist"].parameters}
+    return vae
+
+
+def _prepare_vae_decoder(vae: Any, _pipeline: Any) -> Any:
+    vae.forward = lambda latent_sample: vae.decode(z=latent_sample)
+    return vae
+
+
+SUBMODELS: dict[str, SubmodelSpec] = {
+    "text_encoder": SubmodelSpec("text_encoder", "text_encoder", "feature-extraction", None, _prepare_text_encoder),
+    "text_encoder_2": SubmodelSpec("text_encoder_2", "text_encoder_2", "feature-extraction", None, _prepare_text_encoder),
+    "unet": SubmodelSpec("unet", "unet", "semantic-segmentation", None, _prepare_unet),
+    "vae_decoder": SubmodelSpec("vae_decoder", "vae", "semantic-segmentation", "vae-decoder", _prepare_vae_decoder),
+    "vae_encoder": SubmodelSpec("vae_encoder", "vae", "semantic-segmentation", "vae-encoder", _prepare_vae_encoder),
+}
+
+
+def load_dtype(weights: str, source: WeightSource) -> LoadDtype:
+    """fp16 only where it cannot change the exported values.
+
+    fp16 IR weights are rounded to fp16 on save anyway; int8/int4 scales are computed from
+    the weights, so those load fp16 only when the stored weights already are fp16.
+    The VAE always loads fp32: it is small, and traced in f32 like optimum does it.
+    """
+    if source.component == "vae":
+        return "fp32"
+    if weights == "fp16" or (weights in ("int8", "int4") and source.stored_dtype == "fp16"):
+        return "fp16"
+    return "fp32"
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+
+
+def small_example(dummy: dict[str, Any]) -> dict[str, Any]:
+    """Reduce the spatial sides of 4-D float example inputs; sides keep their value modulo 8."""
+    import torch
+
+    def shrink(side: int) -> int:
+        return side if side < SMALL_SIDE + 8 else SMALL_SIDE + side % 8
+
+    out = {}
+    for key, value in dummy.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+            b, c, h, w = value.shape
+            value = torch.randn(b, c, shrink(h), shrink(w), dtype=value.dtype, generator=torch.Generator().manual_seed(0))
+        out[key] = value
+    return out
+
+
+def export_config(spec: SubmodelSpec, module: Any) -> Any:
+    """optimum-intel's OpenVINO export config for this submodel (names, dynamic axes, patcher)."""
+    import optimum.exporters.openvino.model_configs  # noqa: F401  registers the OpenVINO configs
+    from optimum.exporters.tasks import TasksManager
+
+    kwargs = {"model_type": spec.model_type} if spec.model_type else {}
+    constructor = TasksManager.get_exporter_config_constructor(
+        model=module, exporter="openvino", library_name="diffusers", task=spec.task, **kwargs
+    )
+    return constructor(module.config, int_dtype="int64", float_dtype="fp32")
+
+
+def runtime_options(spec: SubmodelSpec, pipeline: Any) -> dict[str, str]:
+    """The runtime options optimum-intel writes (ACTIVATIONS_SCALE_FACTOR for force_upcast SDXL VAEs)."""
+    if spec.component == "vae" and getattr(pipeline.vae.config, "force_upcast", False):
+        return {"ACTIVATIONS_SCALE_FACTOR": VAE_SCALE_FACTOR_SDXL}
+    return {}
+
+
+def trace(module: Any, config: Any, sixteen_bit: bool) -> Any:
+    """`optimum.exporters.openvino.convert.export_pytorch` without the save, on a small example."""
+    import torch
+    from openvino import convert_model
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+    from optimum.exporters.openvino.convert import _add_runtime_options_to_rt_info, _add_version_info_to_model
+    from optimum.exporters.openvino.utils import _get_input_info, clear_class_registry, remove_none_from_dummy_inputs
+    from optimum.utils import DEFAULT_DUMMY_SHAPES
+
+    config.stateful = False
+    shapes = {k: v for k, v in DEFAULT_DUMMY_SHAPES.items() if k not in ("height", "width")}
+    with torch.no_grad():
+        if hasattr(module, "config"):
+            module.config.torchscript = False
+            module.config.return_dict = True
+        module.eval()
+        dummy = small_example(config.generate_dummy_inputs(framework="pt", **shapes))
+        dummy, dict_inputs = remove_none_from_dummy_inputs(config.rename_ambiguous_inputs(dummy))
+        patcher = config.patch_model_for_export(module, model_kwargs=None)
+        patcher.patched_forward = _tuple_forward(patcher, list(dummy), dict_inputs)
+        with patcher:
+            input_info = _get_input_info(module, config, dummy)
+            ov_model = _convert(module, dummy, input_info, patcher, sixteen_bit, TorchScriptPythonDecoder, convert_model)
+    ov_model.validate_nodes_and_infer_types()
+    for tensor, name in zip(ov_model.outputs, config.outputs, strict=False):
+        tensor.get_tensor().set_names({name})
+    for tensor, info in zip(ov_model.inputs, input_info, strict=True):
+        tensor.get_tensor().set_names({info.name})
+    _add_version_info_to_model(ov_model, "diffusers")
+    _add_runtime_options_to_rt_info(ov_model, getattr(config, "runtime_options", {}))
+    clear_class_registry()
+    return ov_model
+
+
+def _tuple_forward(patcher: Any, keys: list[str], dict_inputs: list[tuple[str, list[str]]]) -> Callable[..., Any]:
+    """TorchScript needs positional tensors in and a tuple out (optimum's ts_patched_forward)."""
+    patched = patcher.patched_forward
+    order = [p for p in inspect.signature(patcher.orig_forward).parameters if p in keys]
+
+    @functools.wraps(patched)
+    def forward(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        kwargs.update(zip(order, args, strict=False))
+        for name, nested in dict_inputs:
+            kwargs[name] = dict(zip(nested, kwargs[name], strict=True))
+        outputs = patched(**kwargs)
+        return tuple(v if not isinstance(v, list) else tuple(v) for v in outputs.values())
+
+    return forward
+
+
+def _convert(module: Any, dummy: dict[str, Any], input_info: list[Any], patcher: Any, sixteen_bit: bool,
+             decoder_cls: Any, convert_model: Any) -> Any:
+    from openvino.frontend.pytorch.patch_model import __make_16bit_traceable, unpatch_model
+
+    kwargs: dict[str, Any] = {"trace_kwargs": {"check_trace": False}}  # optimum skips the check for diffusers
+    if getattr(patcher, "module_extensions", None) is not None:
+        kwargs["module_extensions"] = patcher.module_extensions
+    if sixteen_bit:
+        __make_16bit_traceable(module)
+    try:
+        decoder = decoder_cls(module, example_input=dummy, **kwargs)
+        return convert_model(decoder, example_input=dummy, input=[(i.shape, i.type) for i in input_info],
+                             extension=getattr(patcher, "conversion_extensions", None))
+    finally:
+        if sixteen_bit:
+            unpatch_model(module, "_openvino_module_extension_patch_orig_forward")
+
+
+_CONFIG_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def save_component_config(module: Any, folder: Path, stored_dtype: str | None) -> None:
+    """config.json as optimum writes it: `save_config` (diffusers) or `config.save_pretrained` (transformers).
+
+    transformers records the dtype the model was loaded in; we write the dtype the source
+    stores, so the file does not depend on our (lossless) choice of loading dtype.
+    """
+    if hasattr(module, "save_config"):
+        module.save_config(folder)
+        return
+    loaded = module.config.dtype
+    module.config.dtype = _CONFIG_DTYPES.get(stored_dtype or "", loaded)
+    try:
+        module.config.save_pretrained(folder)
+    finally:
+        module.config.dtype = loaded
+
+
+def build_submodel(spec: SubmodelSpec, patched: PatchedPipeline, weights: str, folder: Path) -> Any:
+    """The OpenVINO model of one submodel, its config.json written to `folder`; the torch copy is freed.
+
+    The returned model may share memory with torch tensors that only it still references:
+    they are released as its constants are replaced (weight compression) or when it is deleted.
+    """
+    source = patched.weights[spec.component]
+    dtype = load_dtype(weights, source)
+    log.info("%s: loading %s weights as %s (stored %s)", spec.name, source.component, dtype, source.stored_dtype)
+    module = spec.prepare(source.load(dtype), patched.pipeline)
+    config = export_config(spec, module)
+    config.runtime_options = runtime_options(spec, patched.pipeline)
+    save_component_config(module, folder, source.stored_dtype)  # before tracing, as optimum does (tracing sets return_dict etc.)
+    ov_model = trace(module, config, sixteen_bit=dtype == "fp16")
+    del module, config
+    release_memory()
+    return ov_model
