@@ -57,3 +57,7 @@ test *args: setup
 # regenerate recipe.schema.json from the pydantic schema
 schema: setup
     "{{bin}}/sdxl-convert" schema
+
+# full-size benchmarks (~1 h, up to ~16 GiB RAM): our convert vs optimum-cli, bundle speed; writes BENCHMARKS.md
+bench *args: setup
+    "{{bin}}/python" scripts/bench.py {{args}}
