@@ -4,8 +4,8 @@ One run does, on the same generated input folder (sdxl-base-shapes, fp16 files, 
 once into artifacts/bench/ and reused):
 
 1. convert runs, each its own process under `/usr/bin/time -v` (wall time, peak RSS of the
-   largest process) while a sampler adds up the RSS of the whole process tree every 0.25 s
-   (the honest number if a tool spawns helpers): ours and optimum-cli at all-fp16, ours
+   largest process) while a sampler adds up the PSS of the whole process tree every 0.25 s
+   (the honest number if a tool spawns helpers; PSS so forked children are not double-counted): ours and optimum-cli at all-fp16, ours
    (int8 UNet + fp16 rest) and optimum-cli `--weight-format int8` (int8 everywhere: the CLI
    has no per-submodel option);
 2. speed, each its own process: the UNet step of both int8 bundles at a 128x128 latent, the
@@ -66,7 +66,7 @@ class Measured:
     returncode: int
     wall_s: float
     max_rss_gib: float  # /usr/bin/time -v "Maximum resident set size"
-    tree_rss_gib: float  # sampled sum over the process tree
+    tree_pss_gib: float  # sampled sum of PSS over the process tree (0.25 s; may miss short spikes)
     log: str
 
 
@@ -83,13 +83,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_pss(pid: int) -> int:
+    """Sum of PSS over the process tree: a forked child's pages shared with its parent count once."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:
             continue
@@ -109,7 +110,7 @@ def measure(command: list[str], log: Path, env: dict[str, str] | None = None) ->
 
         def sample() -> None:
             while not done.wait(0.25):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                peak[0] = max(peak[0], _tree_pss(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -119,7 +120,7 @@ def measure(command: list[str], log: Path, env: dict[str, str] | None = None) ->
     text = timing.read_text()
     wall = _parse_wall(re.search(r"Elapsed \(wall clock\) time.*: (.+)", text).group(1))  # type: ignore[union-attr]
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024  # type: ignore[union-attr]
-    return Measured(" ".join(command), proc.returncode, wall, rss / GIB, max(peak[0], rss) / GIB, str(log))
+    return Measured(" ".join(command), proc.returncode, wall, rss / GIB, peak[0] / GIB, str(log))
 
 
 def _parse_wall(value: str) -> float:
@@ -178,7 +179,7 @@ def step_convert(run: str, results: dict[str, Any]) -> None:
         "ir_bytes": folder_bytes(bundle, (".bin", ".xml")) if bundle.is_dir() else 0,
     }
     print(f"convert: {run}: rc {m.returncode}, {m.wall_s:.0f} s, peak {m.max_rss_gib:.2f} GiB "
-          f"(tree {m.tree_rss_gib:.2f} GiB)", flush=True)
+          f"(tree PSS {m.tree_pss_gib:.2f} GiB)", flush=True)
 
 
 def step_speed(kind: str, run: str, results: dict[str, Any]) -> None:
@@ -302,14 +303,15 @@ def render(results: dict[str, Any]) -> str:
                      f"({src['bytes'] / GIB:.2f} GiB on disk; the generator's author measured 9.0 GiB before its fix, projected 7.5 GiB after).")
     lines += ["", "## Convert: ours vs optimum-cli", "",
               "Each run is its own process under `/usr/bin/time -v`. *Peak RSS* is the largest process's maximum RSS; "
-              "*tree peak* adds up every process of the run, sampled every 0.25 s. "
+              "*tree PSS* adds up the proportional set size of every process of the run, sampled every 0.25 s "
+              "(PSS splits pages shared with forked children; sampling may miss spikes shorter than 0.25 s). "
               "Our runs include resolve (hashing the 7 GiB input), validation (reduced for the bench: one image at "
               "256x256, VAE decoder and encoder at f32, no denoising run) and packaging; optimum-cli only exports.", "",
               "optimum-cli: `optimum-cli export openvino --model <input> --task text-to-image --variant fp16 --weight-format {fp16|int8}`. "
               "The CLI has no per-submodel weight format, so at int8 it compresses every submodel (int8_asym, per-channel), "
               "where our recipe has an int8_asym UNet and fp16 text encoders and VAE: the UNet (93% of the weights) is the same work, "
               "the output sizes are not comparable.", "",
-              "| run | weights | exit | wall | peak RSS | tree peak | IR size | bundle size |", "|---|---|---|---|---|---|---|---|"]
+              "| run | weights | exit | wall | peak RSS | tree PSS peak | IR size | bundle size |", "|---|---|---|---|---|---|---|---|"]
     conv = results.get("convert", {})
     for run in CONVERTS:
         r = conv.get(run)
@@ -317,13 +319,13 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"| {run} | {CONVERTS[run]['weights']} | not run | | | | | |")
             continue
         lines.append(f"| {run} | {r['weights']} | {r['returncode']} | {r['wall_s']:.0f} s | {r['max_rss_gib']:.2f} GiB | "
-                     f"{r['tree_rss_gib']:.2f} GiB | {r['ir_bytes'] / GIB:.2f} GiB | {r['bundle_bytes'] / GIB:.2f} GiB |")
-    lines += ["", "| ours / optimum-cli | wall | peak RSS | tree peak | target |", "|---|---|---|---|---|"]
+                     f"{r['tree_pss_gib']:.2f} GiB | {r['ir_bytes'] / GIB:.2f} GiB | {r['bundle_bytes'] / GIB:.2f} GiB |")
+    lines += ["", "| ours / optimum-cli | wall | peak RSS | tree PSS peak | target |", "|---|---|---|---|---|"]
     for ours, theirs in PAIRS:
         a, b = conv.get(ours), conv.get(theirs)
         if a and b:
             lines.append(f"| {ours} / {theirs} | {_ratio(a['wall_s'], b['wall_s'])} | {_ratio(a['max_rss_gib'], b['max_rss_gib'])} | "
-                         f"{_ratio(a['tree_rss_gib'], b['tree_rss_gib'])} | RSS <= 0.5x, wall <= 1.0x |")
+                         f"{_ratio(a['tree_pss_gib'], b['tree_pss_gib'])} | RSS <= 0.5x, wall <= 1.0x |")
     lines += ["", "## Bundle speed (CPU, 2 threads)", "",
               "UNet: one step of the int8 bundles' UNet at a 1x4x128x128 latent (1024x1024 image), f32 inference, after compile. "
               "VAE: the fp16 bundles' VAE decoder at 1024x1024 (1x4x128x128 latent / 0.13025, seeded), compiled for the static shape; "
