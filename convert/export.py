@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ExportError
+from convert.errors import ConvertError, ExportError
 from convert.patch import PatchedPipeline
 from convert.recipe import ComponentSettings, Recipe, WEIGHTED_COMPONENTS
 
@@ -84,7 +84,7 @@ def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSett
     folder.mkdir(parents=True, exist_ok=True)
     try:
         model = build_submodel(SUBMODELS[name], patched, settings.weights, folder)
-    except ExportError:
+    except ConvertError:  # e.g. unreadable weights (PatchError): already one line with a hint
         raise
     except Exception as e:  # torch/optimum/OpenVINO raise many kinds; one line for the user
         raise ExportError(f"{name}: conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
