@@ -48,8 +48,9 @@ class FetchedSource:
     bytes_downloaded: int = 0
 
 
-def needed_folders(role: str, substituted: Iterable[str]) -> list[str] | None:
-    """Folders to fetch from a source: the base pipeline minus substituted weights; None = a single component."""
+def needed_folders(role: str) -> list[str] | None:
+    """Folders to fetch from a source: every pipeline folder for the base (the original VAE is the
+    validation reference even when substituted); None = the source is a single component."""
     if role != "base":
         return None
     return list(PIPELINE_FOLDERS)
@@ -147,7 +148,7 @@ def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, skip_
     selected = select_files(
         resolved.files,
         role=resolved.role,
-        folders=needed_folders(resolved.role, skip_weights),
+        folders=needed_folders(resolved.role),
         subfolder=subfolder,
         variant=src.variant,
         allow_pickle=src.allow_pickle,
