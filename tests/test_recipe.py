@@ -93,3 +93,34 @@ def test_every_field_has_a_description() -> None:
         if not prop.get("description")
     ]
     assert missing == []
+
+
+def test_generator_names_match_the_generators() -> None:
+    """The recipe checks generator names without importing torch; the two lists must agree."""
+    from convert import synthetic
+    from convert.recipe_rules import GENERATOR_NAMES
+
+    assert sorted(GENERATOR_NAMES) == sorted(synthetic.GENERATORS)
+
+
+def test_every_allowed_sample_image_loads_offline() -> None:
+    """Each name the recipe accepts is shipped with scikit-image and becomes an RGB batch (no pooch download)."""
+    from convert.recipe_rules import SAMPLE_IMAGES
+    from validate.inputs import sample_images
+
+    batch = sample_images(list(SAMPLE_IMAGES), 16)
+    assert batch.shape == (len(SAMPLE_IMAGES), 3, 16, 16) and -1.0 <= batch.min() and batch.max() <= 1.0
+
+
+def test_loading_a_recipe_stays_light() -> None:
+    """`--plan` and recipe errors answer fast: no torch, and no huggingface_hub for a recipe without Hub ids."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from convert.recipe import load_recipe; "
+        f"load_recipe(__import__('pathlib').Path({str(RECIPES / 'tiny-sdxl-fp16fix.yaml')!r})); "
+        "print(sorted(m for m in ('torch', 'huggingface_hub', 'diffusers', 'openvino') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    assert out.stdout.strip() == "[]"
