@@ -38,6 +38,7 @@ from convert.recipe_rules import (
     image_side,
     local_path,
     psnr_floor,
+    ov_properties,
     git_revision,
     suggest,
 )
@@ -177,7 +178,7 @@ class ComponentSettings(_Strict):
         default=None,
         description="Precisions the target device runs this component at; default: target.inference_precision.",
     )
-    runtime_options: dict[str, str] = Field(
+    runtime_options: Annotated[dict[str, str], AfterValidator(ov_properties)] = Field(
         default_factory=dict, description="Extra keys written to the IR's rt_info runtime_options (e.g. ACTIVATIONS_SCALE_FACTOR)."
     )
     export: bool = Field(default=True, description="Set false to leave this component out of the bundle.")

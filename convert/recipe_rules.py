@@ -37,12 +37,16 @@ VAE_SCALE_FACTOR = 8
 MAX_IMAGE_SIDE = 4096
 MAX_DENOISE_STEPS = 50
 MAX_NAME_LENGTH = 64
+#: Folders of the artifacts tree that are not bundles (see convert.workspace): a recipe named
+#: like one would write its bundles among failed builds or generated sources.
+RESERVED_NAMES: tuple[str, ...] = ("broken", "sources", "logs")
 
 # ----------------------------------------------------------------------------- value rules
 # Recipe values end up in folder names, file names and URLs: each is checked at load.
 
 _SLUG = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _VARIANT = re.compile(r"[A-Za-z0-9_]{1,32}")
+_OV_PROPERTY = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def _unprintable(value: str, *, allow_space: bool = True) -> bool:
@@ -55,6 +59,19 @@ def slug(value: str) -> str:
             f"'{short(value)}' is not a safe name: use lowercase letters, digits, '.', '_' and '-', "
             f"start with a letter or digit, no '..', at most {MAX_NAME_LENGTH} characters (it names folders)"
         )
+    if value in RESERVED_NAMES:
+        raise ValueError(f"'{value}' is reserved for the artifacts folder's own {value}/ folder; choose another name")
+    return value
+
+
+def ov_properties(value: dict[str, str]) -> dict[str, str]:
+    """Keys become element names in the IR's rt_info XML: OpenVINO property names only."""
+    for key, option in value.items():
+        if not _OV_PROPERTY.fullmatch(key):
+            raise ValueError(f"'{short(key)}' is not an OpenVINO property name (upper-case letters, digits and '_', "
+                             "like ACTIVATIONS_SCALE_FACTOR)")
+        if _unprintable(option):
+            raise ValueError(f"{key}: the value must be one line of printable text")
     return value
 
 

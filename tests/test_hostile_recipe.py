@@ -56,6 +56,24 @@ def test_unsafe_names(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: 
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.parametrize("name", ["broken", "sources", "logs"])
+def test_names_of_the_artifacts_folders_are_reserved(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    line = refused(tmp_path, f"schema_version: 1\nname: {name}\n{GENERATED}", capsys)
+    assert f"name: '{name}' is reserved for the artifacts folder's own {name}/ folder; choose another name" in line
+
+
+def test_reserved_names_cover_the_workspace(tmp_path: Path) -> None:
+    """Every folder the workspace keeps next to bundles is either hidden or reserved as a recipe name."""
+    from convert.recipe_rules import RESERVED_NAMES
+    from convert.workspace import Workspace
+
+    workspace = Workspace(artifacts=tmp_path)
+    folders = {getattr(workspace, attr) for attr in dir(Workspace)
+               if isinstance(getattr(Workspace, attr, None), property)} | {workspace.log_file("x").parent}
+    tops = {p.relative_to(tmp_path).parts[0] for p in folders if isinstance(p, Path) and p.is_relative_to(tmp_path)}
+    assert tops and {t for t in tops if not t.startswith(".")} <= set(RESERVED_NAMES)
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
@@ -118,6 +136,8 @@ def test_nonsense_validation_settings(tmp_path: Path, capsys: pytest.CaptureFixt
          "validation.components lists vae_encoder but components.vae_encoder.export is false"),
         ("components: [unet]", "line 4: components: Input should be a valid dictionary"),
         ("components: {1: {weights: fp16}}", "components.1.[key]: Input should be a valid string"),
+        ("components: {vae_decoder: {runtime_options: {'<x y=\"1\">': '1'}}}",
+         "components.vae_decoder.runtime_options: '<x y=\"1\">' is not an OpenVINO property name"),
     ],
 )
 def test_nonsense_component_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str,
