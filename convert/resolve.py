@@ -135,7 +135,11 @@ def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: 
     if source.hub is not None:
         return _resolve_hub(role, source)
     if source.local is not None:
-        folder = source.local.folder(recipe_dir)
+        try:
+            folder = source.local.folder(recipe_dir)
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise FetchError(f"{role}: local source path {recipe_dir / source.local.path} cannot be resolved ({e})",
+                             hint="fix the path or the symlinks it goes through") from None
         if folder.is_file():
             raise FetchError(
                 f"{role}: local source {folder} is a file; a local source is a folder in diffusers layout",

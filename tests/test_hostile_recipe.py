@@ -304,3 +304,13 @@ def test_bundle_records_no_absolute_local_path(tmp_path: Path, tiny_sources: dic
         assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
         assert "local:../models/base" in text
     assert resolution.source("base").local_path == (tmp_path / "checkout" / "models" / "base").resolve()
+
+
+def test_local_source_symlink_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"{HEAD}base: {{local: {{path: a}}}}\n")
+    assert run(tmp_path / "artifacts", "convert", str(path)) == 3
+    line = error_line(capsys.readouterr().err)
+    assert f"base: local source path {tmp_path / 'a'} cannot be resolved" in line and "fix the path or the symlinks" in line
