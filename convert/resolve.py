@@ -150,9 +150,21 @@ def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: 
                 f"{role}: local source folder {folder} does not exist",
                 hint="fix the path (relative paths are relative to the recipe) or build the folder first",
             )
+        _check_diffusers_folder(role, folder, source.local.subfolder)
         return _resolve_folder(role, source, folder)
     assert source.generated is not None
     return _resolve_folder(role, source, materialize_generated(source, workspace))
+
+
+def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> None:
+    """Look for the diffusers marker before hashing: `path: /` or `~` would otherwise read every file below."""
+    marker = "model_index.json" if role == "base" else "config.json"
+    root = folder / subfolder if subfolder else folder
+    if not (root / marker).is_file():
+        raise FetchError(
+            f"{role}: no {marker} in {root}; a local source is a folder in diffusers layout",
+            hint="point path (and subfolder) at the folder that holds it; a single-file checkpoint is not supported",
+        )
 
 
 def generated_dir(source: Source, workspace: Workspace) -> Path:

@@ -314,3 +314,19 @@ def test_local_source_symlink_loop(tmp_path: Path, capsys: pytest.CaptureFixture
     assert run(tmp_path / "artifacts", "convert", str(path)) == 3
     line = error_line(capsys.readouterr().err)
     assert f"base: local source path {tmp_path / 'a'} cannot be resolved" in line and "fix the path or the symlinks" in line
+
+
+@pytest.mark.parametrize(("role", "body", "marker"), [
+    ("base", "base: {local: {path: /}}", "model_index.json"),
+    ("substitutions.vae", f"{GENERATED}substitutions: {{vae: {{source: {{local: {{path: ..}}}}}}}}", "config.json"),
+])
+def test_local_source_without_diffusers_marker_is_not_hashed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             role: str, body: str, marker: str) -> None:
+    """`path: /` (or a home folder) fails at once instead of reading every file below it."""
+    path = tmp_path / "r.yaml"
+    path.write_text(f"{HEAD}{body}\n")
+    started = time.monotonic()
+    assert run(tmp_path / "artifacts", "convert", str(path), "--plan") == 0  # a plan reports unresolved sources
+    assert time.monotonic() - started < 10
+    out = capsys.readouterr().out
+    assert f"{role}: no {marker} in" in " ".join(out.split()) and "a local source is a folder in diffusers layout" in " ".join(out.split())
