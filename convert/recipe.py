@@ -7,6 +7,7 @@ NaN-decoding bundle hours later.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -176,6 +177,7 @@ class ComponentSettings(_Strict):
     nncf: NNCFSettings | None = Field(default=None, description="NNCF knobs for int8/int4 weights.")
     inference_precision: list[Precision] | None = Field(
         default=None,
+        min_length=1,
         description="Precisions the target device runs this component at; default: target.inference_precision.",
     )
     runtime_options: Annotated[dict[str, str], AfterValidator(ov_properties)] = Field(
@@ -368,6 +370,8 @@ def _explain(error: ValidationError, root: yaml.Node | None) -> str:
     if first["type"] == "missing":
         return f"{at}missing required field '{where}'{more}"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "string_type" and isinstance(first.get("input"), (int, float, bool, datetime.date)):
+        msg += f" (YAML read {short(first['input'])} as a {type(first['input']).__name__}: quote it)"
     return f"{at}{where}: {msg}{more}" if loc else f"{msg}{more}"
 
 
@@ -423,6 +427,8 @@ def _line_of(root: yaml.Node | None, loc: list[str]) -> int | None:
 
 def find_recipe(name_or_path: str, search_dirs: list[Path]) -> Path:
     """A recipe is named by path or by name (recipes/<name>.yaml)."""
+    if not name_or_path.strip():
+        raise RecipeError("no recipe given", hint="pass a recipe name (recipes/<name>.yaml) or a path to a .yaml file")
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         return candidate

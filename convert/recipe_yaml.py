@@ -72,6 +72,8 @@ def read_text(path: Path) -> str:
     """The file as text: size capped before reading, UTF-8 only (a UTF-8 BOM is tolerated)."""
     if path.is_dir():
         raise RecipeError("is a directory, not a recipe file", path=path, hint="pass a .yaml file or a recipe name")
+    if path.exists() and not path.is_file():
+        raise RecipeError("is not a regular file", path=path, hint="pass a .yaml file or a recipe name")
     if not path.is_file():
         raise RecipeError("recipe file not found", path=path, hint="check the name or pass a path to a .yaml file")
     try:

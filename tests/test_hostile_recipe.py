@@ -179,6 +179,14 @@ ALIAS_BOMB = "".join(
         (f"schema_version: 1\nname: ~\n{GENERATED}", "line 2: name: Input should be a valid string"),
         (f"{HEAD}base: ~\n", "line 3: base: Input should be a valid dictionary"),
         (f"{HEAD}{GENERATED}? [a, b]\n: 1\n", "not valid YAML (while constructing a mapping found unhashable key)"),
+        (f"{HEAD}base: !!python/object/apply:os.system [echo hi]\n",
+         "line 3: not valid YAML (could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system')"),
+        (f"{HEAD}base: {{hub: {{repo: a/b, revision: 2024-01-01}}}}\n",
+         "base.hub.revision: Input should be a valid string (YAML read 2024-01-01 as a date: quote it)"),
+        (f"{HEAD}{GENERATED}components: {{unet: {{inference_precision: []}}}}\n",
+         "components.unet.inference_precision: List should have at least 1 item"),
+        (f"{HEAD}{GENERATED}components: {{unet: ~}}\n", "components.unet: Input should be a valid dictionary"),
+        (f"{HEAD}{GENERATED}cоmponents: {{}}\n", "unknown field 'cоmponents' in the recipe; did you mean 'components'?"),
     ],
 )
 def test_malformed_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str | bytes, expected: str) -> None:
@@ -244,6 +252,15 @@ def test_recipe_path_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "dir.yaml").mkdir()
     assert run(tmp_path / "artifacts", "convert", str(tmp_path / "dir.yaml")) == 2
     assert "dir.yaml: is a directory, not a recipe file" in error_line(capsys.readouterr().err)
+    assert_untouched(tmp_path / "artifacts")
+
+
+def test_recipe_that_is_not_a_regular_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    assert run(tmp_path / "artifacts", "convert", str(tmp_path / "zero.yaml")) == 2
+    assert f"{tmp_path / 'zero.yaml'}: is not a regular file" in error_line(capsys.readouterr().err)
+    assert run(tmp_path / "artifacts", "convert", "") == 2
+    assert "error: no recipe given" in error_line(capsys.readouterr().err)
     assert_untouched(tmp_path / "artifacts")
 
 
