@@ -347,3 +347,10 @@ def test_local_source_without_diffusers_marker_is_not_hashed(tmp_path: Path, cap
     assert time.monotonic() - started < 10
     out = capsys.readouterr().out
     assert f"{role}: no {marker} in" in " ".join(out.split()) and "a local source is a folder in diffusers layout" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("repo", ["../etc", "a--b/sdxl", "me/sdxl.git", "tést/sdxl"])
+def test_publish_repo_argument_uses_the_recipe_rule(tiny_build, capsys: pytest.CaptureFixture[str], repo: str) -> None:
+    """`publish --repo` is checked like publish.repo in a recipe, before the Hub is asked anything."""
+    assert main(["publish", str(tiny_build.bundle), "--repo", repo, "--dry-run"]) == 8
+    assert f"error: '{repo}' is not a Hub repo id; write it as 'owner/name'" in error_line(capsys.readouterr().err)
