@@ -36,11 +36,11 @@ from convert.recipe_rules import (
     Variant,
     card_tag,
     generator_name,
+    git_revision,
     image_side,
     local_path,
-    psnr_floor,
     ov_properties,
-    git_revision,
+    psnr_floor,
     suggest,
 )
 from convert.recipe_yaml import read_yaml, short
@@ -67,6 +67,8 @@ WEIGHTED_COMPONENTS: tuple[str, ...] = SDXL_COMPONENTS[:5]
 SUBSTITUTABLE: tuple[str, ...] = ("vae", "unet", "text_encoder", "text_encoder_2")
 #: Components whose decode/encode the validation gate checks.
 VAE_PARTS: tuple[str, ...] = ("vae_decoder", "vae_encoder")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -441,7 +443,7 @@ def find_recipe(name_or_path: str, search_dirs: list[Path]) -> Path:
                 return path
     known = sorted({p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.y*ml")})
     raise RecipeError(
-        f"no recipe named '{name_or_path}'{suggest(name_or_path, known) if known else ''}",
+        f"no recipe named '{short(name_or_path)}'{suggest(name_or_path, known) if known else ''}",
         hint=f"recipes are looked up in {', '.join(str(d) for d in search_dirs)}",
     )
 

@@ -64,17 +64,6 @@ def slug(value: str) -> str:
     return value
 
 
-def ov_properties(value: dict[str, str]) -> dict[str, str]:
-    """Keys become element names in the IR's rt_info XML: OpenVINO property names only."""
-    for key, option in value.items():
-        if not _OV_PROPERTY.fullmatch(key):
-            raise ValueError(f"'{short(key)}' is not an OpenVINO property name (upper-case letters, digits and '_', "
-                             "like ACTIVATIONS_SCALE_FACTOR)")
-        if _unprintable(option):
-            raise ValueError(f"{key}: the value must be one line of printable text")
-    return value
-
-
 def relative_subfolder(value: str) -> str:
     parts = value.rstrip("/").split("/")
     if (not value or value.startswith("/") or "\\" in value or _unprintable(value)
@@ -143,6 +132,17 @@ def local_path(value: Any) -> Any:
 def card_tag(value: str) -> str:
     if not value.strip() or len(value) > 128 or _unprintable(value):
         raise ValueError(f"'{short(value)}' is not a tag: one line of text, at most 128 characters")
+    return value
+
+
+def ov_properties(value: dict[str, str]) -> dict[str, str]:
+    """Keys become element names in the IR's rt_info XML: OpenVINO property names only."""
+    for key, option in value.items():
+        if not _OV_PROPERTY.fullmatch(key):
+            raise ValueError(f"'{short(key)}' is not an OpenVINO property name (upper-case letters, digits and '_', "
+                             "like ACTIVATIONS_SCALE_FACTOR)")
+        if _unprintable(option):
+            raise ValueError(f"{key}: the value must be one line of printable text")
     return value
 
 
