@@ -354,3 +354,22 @@ def test_publish_repo_argument_uses_the_recipe_rule(tiny_build, capsys: pytest.C
     """`publish --repo` is checked like publish.repo in a recipe, before the Hub is asked anything."""
     assert main(["publish", str(tiny_build.bundle), "--repo", repo, "--dry-run"]) == 8
     assert f"error: '{repo}' is not a Hub repo id; write it as 'owner/name'" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"\xff\xfe\x00", b"[1, 2]"])
+def test_broken_config_of_a_local_source_names_the_real_file(tmp_path: Path, tiny_sources: dict[str, Path],
+                                                             artifacts_root: Path, capsys: pytest.CaptureFixture[str],
+                                                             config: bytes) -> None:
+    """Not the deleted staging view, and not 're-download': the bytes are the source's own."""
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_sources["tiny-sdxl-vae-fp16-fix"], vae)
+    (vae / "config.json").write_bytes(config)
+    path = tmp_path / "broken-config.yaml"
+    path.write_text(f"schema_version: 1\nname: broken-config\n{GENERATED}"
+                    "substitutions:\n  vae: {source: {local: {path: vae}}}\n")
+    assert run(artifacts_root, "convert", str(path)) == 4
+    line = error_line(capsys.readouterr().err)
+    assert "vae: config.json is not" in line and f"{vae.resolve() / 'config.json'}" in line
+    assert "fix the file in the local source" in line and "re-download" not in line and ".staging" not in line
+    assert not (artifacts_root / "broken-config").exists()
+    assert not (artifacts_root / ".staging").exists() or not any((artifacts_root / ".staging").iterdir())
