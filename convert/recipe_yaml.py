@@ -27,24 +27,30 @@ MAX_DEPTH = 32
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _TooDeep(yaml.YAMLError):
-    def __init__(self, line: int) -> None:
-        super().__init__(f"line {line}: nested more than {MAX_DEPTH} levels deep")
-        self.line = line
+class _TooLarge(yaml.YAMLError):
+    """Raised while composing, so a huge recipe stops after MAX_EXPANDED_NODES nodes, not at its end."""
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that stops composing past MAX_DEPTH (PyYAML's composer recurses per level)."""
+    """SafeLoader that stops past MAX_DEPTH (PyYAML's composer recurses per level) or MAX_EXPANDED_NODES nodes.
+
+    The pure-Python loader on purpose: these hooks need its composer, and a recipe is small.
+    """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:  # type: ignore[override]
         self._depth += 1
+        self._nodes += 1
         try:
+            line = self.peek_event().start_mark.line + 1
             if self._depth > MAX_DEPTH:
-                raise _TooDeep(self.peek_event().start_mark.line + 1)
+                raise _TooLarge(f"line {line}: nested more than {MAX_DEPTH} levels deep; a recipe is a few levels of keys")
+            if self._nodes > MAX_EXPANDED_NODES:
+                raise _TooLarge(f"line {line}: more than {MAX_EXPANDED_NODES} YAML values; a recipe holds a few hundred")
             return super().compose_node(parent, index)  # type: ignore[no-any-return]
         finally:
             self._depth -= 1
@@ -60,8 +66,8 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
             return None, None
         check_tree(root, path)
         return loader.construct_document(root), root
-    except _TooDeep as e:
-        raise RecipeError(f"{e}; a recipe is a few levels of keys", path=path) from None
+    except _TooLarge as e:
+        raise RecipeError(str(e), path=path) from None
     except yaml.YAMLError as e:
         raise RecipeError(describe_yaml_error(e, text), path=path) from e
     finally:

@@ -166,6 +166,8 @@ ALIAS_BOMB = "".join(
         (f"{HEAD}{GENERATED}target: {{device: CPU, device: GPU}}\n", "duplicate key 'device' at line 4 (twice)"),
         (ALIAS_BOMB, "aliases expand this recipe past 20000 YAML nodes; write the values out"),
         (f"{HEAD}{GENERATED}description: &a [*a]\n", "an alias refers to a node that contains it"),
+        (f"{HEAD}{GENERATED}description: [{', '.join(['1'] * 30_000)}]\n",
+         "line 4: more than 20000 YAML values; a recipe holds a few hundred"),
         (f"{HEAD}{GENERATED}description: {'[' * 2000}{']' * 2000}\n", "line 4: nested more than 32 levels deep"),
         ("", "the recipe is empty"),
         ("# only a comment\n", "the recipe is empty"),
