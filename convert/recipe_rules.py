@@ -80,7 +80,8 @@ def variant_token(value: str) -> str:
 
 def git_revision(value: str) -> str:
     if not value or len(value) > 255 or _unprintable(value, allow_space=False) or ".." in value:
-        raise ValueError(f"'{short(value)}' is not a revision: a branch, tag or commit, without spaces or '..'")
+        raise ValueError(f"'{short(value)}' is not a revision: a branch, tag or commit, without spaces or '..', "
+                         "at most 255 characters")
     return value
 
 
