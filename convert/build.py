@@ -105,7 +105,7 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
             planned.append(PlannedSource(role, source.describe(), None, "generated offline on first build"))
             continue
         try:
-            r = resolve_source(role, source, workspace)
+            r = resolve_source(role, source, workspace, recipe_path.parent)
         except FetchError as e:
             planned.append(PlannedSource(role, source.describe(), None, f"unresolved: {e}"))
             continue

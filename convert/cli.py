@@ -54,7 +54,9 @@ def _print_error(error: ConvertError) -> None:
         for failure in error.failures:
             console.print(f"  {failure}", highlight=False, soft_wrap=True, markup=False)
         return
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages quote recipe values: '[/x]' must print, not parse as markup
+
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,9 +207,11 @@ def _render_plan(plan: Any) -> None:
     console = _console()
     console.print(f"[bold]Plan for {plan.recipe.name}[/] ({plan.recipe_path})")
     console.print("[bold]Sources[/]")
+    from rich.markup import escape
+
     for s in plan.sources:
-        pinned = s.commit or f"[yellow]{s.note}[/]"
-        console.print(f"  {s.role}: {s.source}\n      -> {pinned}", highlight=False, soft_wrap=True)
+        pinned = s.commit or f"[yellow]{escape(s.note)}[/]"
+        console.print(f"  {s.role}: {escape(s.source)}\n      -> {pinned}", highlight=False, soft_wrap=True)
     comps = Table("component", "weights", "runs at", "runtime options", title=f"Components (target {plan.recipe.target.device})")
     for c in plan.components:
         comps.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-",

@@ -140,13 +140,21 @@ FIT_CHECKS: dict[str, Callable[[Config, Config, Config], list[str]]] = {
 
 
 def read_config(folder: Path, component: str, filename: str = "config.json") -> dict[str, Any]:
+    """A config of the fetched view; errors name the source's own file (the view is deleted after the build).
+
+    Its bytes already match the source's hash, so downloading again cannot help: the source is broken.
+    """
     path = folder / filename
     if not path.is_file():
         raise PatchError(f"{component}: no {filename} in {folder}", hint="the source must be in diffusers layout")
+    fix = "fix the file in the local source, or use another revision of a Hub source"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PatchError(f"{component}: {path} is not valid JSON ({e})", hint="re-download the source") from e
+        config = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PatchError(f"{component}: {filename} is not valid JSON ({str(e)[:120]}): {path.resolve()}", hint=fix) from None
+    if not isinstance(config, dict):
+        raise PatchError(f"{component}: {filename} is not a JSON object: {path.resolve()}", hint=fix)
+    return config
 
 
 def weights_variant(folder: Path) -> str | None:

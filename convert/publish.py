@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from convert import package
 from convert.errors import PackageError, PublishError
 from convert.fetch import git_blob_id
+from convert.recipe_rules import hub_repo_id
 from convert.resolve import file_sha256
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 #: Files the Hub keeps in every repo; never deleted as "stray".
 HUB_OWNED = frozenset({".gitattributes"})
 REPORT = "validation/report.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
@@ -158,8 +157,10 @@ def plan_publish(bundle: Path, *, repo: str | None, private: bool | None, api: H
     target = repo or settings.get("repo")
     if not target:
         raise PublishError("no target repo", path=bundle, hint="pass --repo ORG/NAME or set publish.repo in the recipe")
-    if not _REPO_ID.match(target):
-        raise PublishError(f"'{target}' is not a Hub repo id", hint="write it as 'owner/name'")
+    try:
+        hub_repo_id(target)  # the recipe's rule: huggingface_hub's validator, as owner/name
+    except ValueError as e:
+        raise PublishError(str(e)) from None
     visibility = private if private is not None else bool(settings.get("private", True))
     plan = PublishPlan(
         repo=target, bundle=loaded.path, build_id=loaded.build_id, recipe_name=str((info.get("recipe") or {}).get("name", "")),

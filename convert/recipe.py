@@ -7,16 +7,43 @@ NaN-decoding bundle hours later.
 
 from __future__ import annotations
 
-import difflib
+import datetime
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from convert.errors import RecipeError
+from convert.recipe_rules import (
+    MAX_DENOISE_STEPS,
+    SAMPLE_IMAGES,
+    VAE_SCALE_FACTOR,
+    HubRepoId,
+    Slug,
+    SubFolder,
+    Variant,
+    card_tag,
+    generator_name,
+    git_revision,
+    image_side,
+    local_path,
+    ov_properties,
+    psnr_floor,
+    suggest,
+)
+from convert.recipe_yaml import read_yaml, short
 
 SCHEMA_VERSION = 1
 
@@ -47,36 +74,37 @@ class _Strict(BaseModel):
 
 
 class HubSource(_Strict):
-    repo: str = Field(description="Hugging Face Hub repo id, e.g. 'stabilityai/stable-diffusion-xl-base-1.0'.")
-    revision: str = Field(
+    repo: HubRepoId = Field(description="Hugging Face Hub repo id, e.g. 'stabilityai/stable-diffusion-xl-base-1.0'.")
+    revision: Annotated[str, AfterValidator(git_revision)] = Field(
         default="main",
         description="Branch, tag or 40-hex commit; resolved to a commit before anything is downloaded.",
     )
-    subfolder: str | None = Field(default=None, description="Folder inside the repo that holds the component.")
-    variant: str | None = Field(
+    subfolder: SubFolder | None = Field(
+        default=None, description="Folder inside the repo that holds the component (relative, no '..')."
+    )
+    variant: Variant | None = Field(
         default=None, description="Weights variant to download, e.g. 'fp16' (files named *.fp16.safetensors)."
     )
 
-    @field_validator("repo")
-    @classmethod
-    def _repo_shape(cls, value: str) -> str:
-        if value.count("/") != 1 or any(not part for part in value.split("/")):
-            raise ValueError(f"'{value}' is not a Hub repo id; write it as 'owner/name'")
-        return value
-
 
 class LocalSource(_Strict):
-    path: Path = Field(description="Folder in diffusers layout; relative paths are relative to the recipe file.")
-    subfolder: str | None = Field(default=None, description="Folder inside `path` that holds the component.")
-    variant: str | None = Field(default=None, description="Weights variant to load, e.g. 'fp16'.")
+    path: Annotated[Path, BeforeValidator(local_path)] = Field(
+        description="Folder in diffusers layout; relative paths are relative to the recipe file and stay so in the bundle."
+    )
+    subfolder: SubFolder | None = Field(default=None, description="Folder inside `path` that holds the component.")
+    variant: Variant | None = Field(default=None, description="Weights variant to load, e.g. 'fp16'.")
+
+    def folder(self, recipe_dir: Path) -> Path:
+        """Where the folder is on this machine; only resolve/fetch ask, so no absolute path is recorded."""
+        return (recipe_dir / self.path.expanduser()).resolve()
 
 
 class GeneratedSource(_Strict):
-    generator: str = Field(
+    generator: Annotated[str, AfterValidator(generator_name)] = Field(
         description="Name of a built-in generator in convert.synthetic (seeded random weights, no network)."
     )
-    seed: int = Field(default=0, description="Seed for the generator; same seed, same bytes.")
-    variant: str | None = Field(default=None, description="Weights variant the generator writes, e.g. 'fp16'.")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="Seed for the generator; same seed, same bytes.")
+    variant: Variant | None = Field(default=None, description="Weights variant the generator writes, e.g. 'fp16'.")
 
 
 class Source(_Strict):
@@ -89,7 +117,9 @@ class Source(_Strict):
         default=False,
         description="Allow .bin/.ckpt/.pt weights (unpickling runs code). Off by default; safetensors only.",
     )
-    license: str | None = Field(default=None, description="SPDX-like licence id of this source, for the model card.")
+    license: str | None = Field(
+        default=None, max_length=128, description="SPDX-like licence id of this source, for the model card."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
@@ -136,15 +166,23 @@ class NNCFSettings(_Strict):
     )
     all_layers: bool | None = Field(default=None, description="Compress first/last layers too (int4 only).")
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0 and value != -1:
+            raise ValueError(f"{value} is not a group size: use a positive number of weights (e.g. 64, 128) or -1 per channel")
+        return value
+
 
 class ComponentSettings(_Strict):
     weights: WeightFormat = Field(default="fp32", description="Weight format of the exported IR.")
     nncf: NNCFSettings | None = Field(default=None, description="NNCF knobs for int8/int4 weights.")
     inference_precision: list[Precision] | None = Field(
         default=None,
+        min_length=1,
         description="Precisions the target device runs this component at; default: target.inference_precision.",
     )
-    runtime_options: dict[str, str] = Field(
+    runtime_options: Annotated[dict[str, str], AfterValidator(ov_properties)] = Field(
         default_factory=dict, description="Extra keys written to the IR's rt_info runtime_options (e.g. ACTIVATIONS_SCALE_FACTOR)."
     )
     export: bool = Field(default=True, description="Set false to leave this component out of the bundle.")
@@ -169,37 +207,62 @@ class Target(_Strict):
 
 class ValidationSettings(_Strict):
     components: list[Literal["vae_decoder", "vae_encoder"]] = Field(
-        default_factory=lambda: ["vae_decoder", "vae_encoder"], description="VAE parts the gate decodes/encodes."
+        default_factory=lambda: ["vae_decoder", "vae_encoder"], min_length=1,
+        description="VAE parts the gate decodes/encodes (at least one; a gate that checks nothing is no gate).",
     )
     max_non_finite: int = Field(default=0, ge=0, description="Non-finite output values allowed (SD.Next 'invalid=').")
-    min_psnr_db: float = Field(default=40.0, description="PSNR floor against the f32 decode of the original VAE.")
-    resolution: int | None = Field(
-        default=None, description="Image side for the full-resolution decode; default: the pipeline's native size."
+    min_psnr_db: Annotated[float, AfterValidator(psnr_floor)] = Field(
+        default=40.0, description="PSNR floor against the f32 decode of the original VAE (finite, >= 0)."
+    )
+    resolution: Annotated[int, AfterValidator(image_side)] | None = Field(
+        default=None,
+        description=f"Image side for the full-resolution decode, a multiple of {VAE_SCALE_FACTOR}; default: the pipeline's native size.",
     )
     full_resolution_images: int = Field(
         default=1, ge=0, description="How many of `images` are decoded at full resolution (slow at 1024); the rest at small_resolution."
     )
-    small_resolution: int = Field(default=256, ge=8, description="Image side for the other images and the denoising run.")
+    small_resolution: Annotated[int, AfterValidator(image_side)] = Field(
+        default=256, description=f"Image side for the other images and the denoising run, a multiple of {VAE_SCALE_FACTOR}."
+    )
     check_original: bool = Field(
         default=True, description="Also run the original VAE at the same precisions, for the report (never gates)."
     )
     images: list[str] = Field(
-        default_factory=lambda: ["astronaut", "chelsea", "coffee"],
-        description="scikit-image sample images encoded to realistic latents.",
+        default_factory=lambda: ["astronaut", "chelsea", "coffee"], min_length=1,
+        description="scikit-image sample images (shipped with it, no download) encoded to realistic latents.",
     )
-    denoise_steps: int = Field(default=2, ge=0, description="Steps of the exported pipeline that produce extra latents.")
+    denoise_steps: int = Field(
+        default=2, ge=0, le=MAX_DENOISE_STEPS, description="Steps of the exported pipeline that produce extra latents."
+    )
     prompt: str = Field(default="a photo of an astronaut riding a horse", description="Prompt for the denoising run.")
+
+    @field_validator("images")
+    @classmethod
+    def _known_images(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in SAMPLE_IMAGES:
+                raise ValueError(f"unknown sample image '{short(name)}'{suggest(name, SAMPLE_IMAGES)}")
+        return value
+
+    @field_validator("components")
+    @classmethod
+    def _distinct_parts(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a VAE part twice")
+        return value
 
 
 class PublishSettings(_Strict):
-    repo: str = Field(description="Target Hub repo id ('org/name').")
+    repo: HubRepoId = Field(description="Target Hub repo id ('org/name').")
     private: bool = Field(default=True, description="Create the repo private unless set false.")
-    tags: list[str] = Field(default_factory=list, description="Extra model-card tags.")
+    tags: list[Annotated[str, AfterValidator(card_tag)]] = Field(default_factory=list, description="Extra model-card tags.")
 
 
 class Recipe(_Strict):
     schema_version: Literal[1] = Field(description="Recipe format version; this tool reads 1.")
-    name: str = Field(description="Recipe name; names the output folder and the build.")
+    name: Slug = Field(
+        description="Recipe name; names the output folder and the build: lowercase letters, digits, '.', '_', '-'."
+    )
     description: str = Field(default="", description="One paragraph for the model card.")
     pipeline: Literal["stable-diffusion-xl"] = Field(
         default="stable-diffusion-xl", description="Pipeline family; selects loaders and exporters."
@@ -214,7 +277,7 @@ class Recipe(_Strict):
     target: Target = Field(default_factory=Target, description="Device and precisions the bundle is built for.")
     validation: ValidationSettings = Field(default_factory=ValidationSettings, description="Validation gate settings.")
     publish: PublishSettings | None = Field(default=None, description="Where `--publish` uploads the bundle.")
-    base_model: str | None = Field(
+    base_model: HubRepoId | None = Field(
         default=None, description="Upstream model id for the card's base_model; default: the base Hub repo."
     )
 
@@ -223,7 +286,7 @@ class Recipe(_Strict):
     def _known_components(cls, value: dict[str, ComponentSettings]) -> dict[str, ComponentSettings]:
         for key, settings in value.items():
             if key not in SDXL_COMPONENTS:
-                raise ValueError(f"unknown component '{key}'{_suggest(key, SDXL_COMPONENTS)}")
+                raise ValueError(f"unknown component '{short(key)}'{suggest(key, SDXL_COMPONENTS)}")
             if key.startswith("tokenizer") and settings.weights != "fp32":
                 raise ValueError(f"component '{key}' has no weights to store as {settings.weights}")
         return value
@@ -232,9 +295,24 @@ class Recipe(_Strict):
     @classmethod
     def _known_substitutions(cls, value: dict[str, Substitution]) -> dict[str, Substitution]:
         for key in value:
+            if key in VAE_PARTS:  # exported parts of the one diffusers `vae`
+                raise ValueError(f"cannot substitute '{key}' alone; did you mean 'vae'?")
             if key not in SUBSTITUTABLE:
-                raise ValueError(f"cannot substitute '{key}'{_suggest(key, SUBSTITUTABLE)}")
+                raise ValueError(f"cannot substitute '{short(key)}'{suggest(key, SUBSTITUTABLE)}")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        for part in self.validation.components:
+            if not self.settings_for(part).export:
+                raise ValueError(f"validation.components lists {part} but components.{part}.export is false; "
+                                 f"export it or leave it out of validation.components")
+        sources = [("base", self.base)] + [(f"substitutions.{k}", s.source) for k, s in self.substitutions.items()]
+        for role, source in sources:
+            if self.publish and source.hub and source.hub.repo.lower() == self.publish.repo.lower():
+                raise ValueError(f"publish.repo {self.publish.repo} is also the {role} source; publishing replaces "
+                                 "that repo's files: publish to a repo of your own")
+        return self
 
     def settings_for(self, component: str) -> ComponentSettings:
         return self.components.get(component, ComponentSettings())
@@ -246,64 +324,42 @@ class Recipe(_Strict):
         return [c for c in SDXL_COMPONENTS if self.settings_for(c).export]
 
 
-def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    """A did-you-mean that also matches the last part of snake_case names (precison -> inference_precision)."""
-    aliases: dict[str, str] = {}
-    for choice in choices:
-        aliases.setdefault(choice, choice)
-        aliases.setdefault(choice.rsplit("_", 1)[-1], choice)
-    close = difflib.get_close_matches(word, list(aliases), n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{aliases[close[0]]}'?"
-    return f"; expected one of: {', '.join(choices)}"
-
-
 # ---------------------------------------------------------------------------- loading
 
 
 def load_recipe(path: Path) -> Recipe:
-    """Parse and validate a recipe file; every problem becomes a one-line RecipeError."""
-    if not path.is_file():
-        raise RecipeError("recipe file not found", path=path, hint="check the name or pass a path to a .yaml file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise RecipeError(f"{line}not valid YAML ({getattr(e, 'problem', e)})", path=path) from e
+    """Parse and validate a recipe file; every problem becomes a one-line RecipeError.
+
+    Local source paths stay as written (relative to the recipe): they are resolved only
+    where a folder is read, so nothing recorded from a recipe depends on where it lies.
+    """
+    data, root = read_yaml(path)
+    if data is None:
+        raise RecipeError("the recipe is empty", path=path, hint="start from recipes/tiny-sdxl-fp16fix.yaml")
     if not isinstance(data, dict):
-        raise RecipeError("a recipe is a YAML mapping of keys (schema_version, name, base, ...)", path=path)
-    data = _resolve_local_paths(data, path.parent)
+        raise RecipeError(f"a recipe is a YAML mapping of keys (schema_version, name, base, ...), not a {_yaml_kind(data)}",
+                          path=path)
+    version = data.get("schema_version")
+    if "schema_version" in data and (type(version) is not int or version != SCHEMA_VERSION):
+        at = f"line {_line_of(root, ['schema_version']) or 1}: "
+        if type(version) is not int:
+            raise RecipeError(f"{at}schema_version must be the number {SCHEMA_VERSION}, not {short(version)!r}", path=path)
+        raise RecipeError(f"{at}schema_version {version} is not supported; this tool reads schema_version {SCHEMA_VERSION}",
+                          path=path, hint="use the tool version the recipe was written for, or port the recipe to this one")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_explain(e, root), path=path, hint=None) from e
+        raise RecipeError(_explain(e, root), path=path, hint=None) from None
 
 
-def _resolve_local_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Local source paths are relative to the recipe, so a recipe works from any cwd."""
-
-    def fix(source: Any) -> None:
-        if isinstance(source, dict) and isinstance(source.get("local"), dict):
-            local = source["local"]
-            if isinstance(local.get("path"), str) and not Path(local["path"]).is_absolute():
-                local["path"] = str((base_dir / local["path"]).resolve())
-
-    fix(data.get("base"))
-    subs = data.get("substitutions")
-    if isinstance(subs, dict):
-        for sub in subs.values():
-            if isinstance(sub, dict):
-                fix(sub.get("source"))
-    return data
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), type(data).__name__)
 
 
 def _explain(error: ValidationError, root: yaml.Node | None) -> str:
     """First pydantic error as one line: field path, YAML line, what is wrong, a suggestion."""
     first = error.errors()[0]
-    loc = [str(p) for p in first["loc"]]
+    loc = [short(p) for p in first["loc"]]
     line = _line_of(root, loc)
     where = ".".join(loc) or "recipe"
     at = f"line {line}: " if line else ""
@@ -312,11 +368,13 @@ def _explain(error: ValidationError, root: yaml.Node | None) -> str:
         parent = loc[:-1]
         known = _fields_at(parent)
         owner = ".".join(parent) or "the recipe"
-        return f"{at}unknown field '{loc[-1]}' in {owner}{_suggest(loc[-1], known)}{more}"
+        return f"{at}unknown field '{loc[-1]}' in {owner}{suggest(loc[-1], known)}{more}"
     if first["type"] == "missing":
         return f"{at}missing required field '{where}'{more}"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{at}{where}: {msg}{more}"
+    if first["type"] == "string_type" and isinstance(first.get("input"), (int, float, bool, datetime.date)):
+        msg += f" (YAML read {short(first['input'])} as a {type(first['input']).__name__}: quote it)"
+    return f"{at}{where}: {msg}{more}" if loc else f"{msg}{more}"
 
 
 def _fields_at(loc: list[str]) -> list[str]:
@@ -371,9 +429,13 @@ def _line_of(root: yaml.Node | None, loc: list[str]) -> int | None:
 
 def find_recipe(name_or_path: str, search_dirs: list[Path]) -> Path:
     """A recipe is named by path or by name (recipes/<name>.yaml)."""
+    if not name_or_path.strip():
+        raise RecipeError("no recipe given", hint="pass a recipe name (recipes/<name>.yaml) or a path to a .yaml file")
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         return candidate
+    if candidate.is_dir() and (len(candidate.parts) > 1 or not _named(name_or_path, search_dirs)):
+        raise RecipeError("is a directory, not a recipe file", path=candidate, hint="pass a .yaml file or a recipe name")
     for folder in search_dirs:
         for suffix in (".yaml", ".yml"):
             path = folder / f"{name_or_path}{suffix}"
@@ -381,14 +443,26 @@ def find_recipe(name_or_path: str, search_dirs: list[Path]) -> Path:
                 return path
     known = sorted({p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.y*ml")})
     raise RecipeError(
-        f"no recipe named '{name_or_path}'{_suggest(name_or_path, known) if known else ''}",
+        f"no recipe named '{short(name_or_path)}'{suggest(name_or_path, known) if known else ''}",
         hint=f"recipes are looked up in {', '.join(str(d) for d in search_dirs)}",
     )
 
 
+def _named(name: str, search_dirs: list[Path]) -> bool:
+    return any((folder / f"{name}{suffix}").is_file() for folder in search_dirs for suffix in (".yaml", ".yml"))
+
+
 def recipe_digest(recipe: Recipe) -> str:
-    """Stable hash of the recipe's meaning (not its formatting): keys the build id."""
-    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """Stable hash of the recipe's meaning (not its formatting): keys the build id.
+
+    Where a local source lies is not part of the meaning: its content is, pinned by resolve.
+    So the same recipe and files give the same id in any checkout, even after a move.
+    """
+    data = recipe.model_dump(mode="json")
+    for source in [data["base"], *(sub["source"] for sub in data["substitutions"].values())]:
+        if source.get("local"):
+            source["local"]["path"] = None
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

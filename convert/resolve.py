@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.errors import FetchError, RecipeError
+from convert.errors import FetchError
 from convert.recipe import Recipe, Source, recipe_digest
 from convert.workspace import Workspace
 
@@ -63,10 +63,16 @@ class ResolvedSource:
     local_path: Path | None = None  # set for local and generated sources
 
     def lock_entry(self) -> dict[str, Any]:
+        """What build.json and the card record: a local source's path as the recipe wrote it, never resolved."""
         entry: dict[str, Any] = {"role": self.role, "source": self.source.describe(), "commit": self.commit}
         if self.source.hub:
             entry |= {"repo": self.source.hub.repo, "revision": self.source.hub.revision}
         return entry
+
+    def pin(self) -> dict[str, str]:
+        """What the build id hashes: the commit or content digest; where the recipe says it
+        comes from is in the recipe digest, except a local folder's path (content only)."""
+        return {"role": self.role, "commit": self.commit}
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class Resolution:
         """Hash of (recipe meaning, source commits, tool versions): names bundle, tag and cache keys."""
         payload = {
             "recipe": recipe_digest(self.recipe),
-            "sources": [s.lock_entry() for s in self.sources],
+            "sources": [s.pin() for s in self.sources],
             "tools": self.tool_versions,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -120,23 +126,45 @@ def source_roles(recipe: Recipe) -> list[tuple[str, Source]]:
 
 def resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace) -> Resolution:
     """Pin all sources; generated sources are built here (offline) so they can be hashed."""
-    sources = tuple(resolve_source(role, src, workspace) for role, src in source_roles(recipe))
+    sources = tuple(resolve_source(role, src, workspace, recipe_path.parent) for role, src in source_roles(recipe))
     return Resolution(recipe=recipe, recipe_path=recipe_path, sources=sources, tool_versions=tool_versions())
 
 
-def resolve_source(role: str, source: Source, workspace: Workspace) -> ResolvedSource:
+def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: Path) -> ResolvedSource:
+    """Pin one source; `recipe_dir` anchors a local source's relative path."""
     if source.hub is not None:
         return _resolve_hub(role, source)
     if source.local is not None:
-        folder = source.local.path
+        try:
+            folder = source.local.folder(recipe_dir)
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise FetchError(f"{role}: local source path {recipe_dir / source.local.path} cannot be resolved ({e})",
+                             hint="fix the path or the symlinks it goes through") from None
+        if folder.is_file():
+            raise FetchError(
+                f"{role}: local source {folder} is a file; a local source is a folder in diffusers layout",
+                hint="point path at the folder that holds model_index.json (or the component's config.json)",
+            )
         if not folder.is_dir():
             raise FetchError(
                 f"{role}: local source folder {folder} does not exist",
                 hint="fix the path (relative paths are relative to the recipe) or build the folder first",
             )
+        _check_diffusers_folder(role, folder, source.local.subfolder)
         return _resolve_folder(role, source, folder)
     assert source.generated is not None
     return _resolve_folder(role, source, materialize_generated(source, workspace))
+
+
+def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> None:
+    """Look for the diffusers marker before hashing: `path: /` or `~` would otherwise read every file below."""
+    marker = "model_index.json" if role == "base" else "config.json"
+    root = folder / subfolder if subfolder else folder
+    if not (root / marker).is_file():
+        raise FetchError(
+            f"{role}: no {marker} in {root}; a local source is a folder in diffusers layout",
+            hint="point path (and subfolder) at the folder that holds it; a single-file checkpoint is not supported",
+        )
 
 
 def generated_dir(source: Source, workspace: Workspace) -> Path:
@@ -153,9 +181,6 @@ def materialize_generated(source: Source, workspace: Workspace) -> Path:
     folder = generated_dir(source, workspace)
     if folder.is_dir():
         return folder
-    if source.generated.generator not in synthetic.GENERATORS:
-        known = ", ".join(sorted(synthetic.GENERATORS))
-        raise RecipeError(f"unknown generator '{source.generated.generator}'", hint=f"use one of: {known}")
     log.info("generating %s (seed %d) into %s", source.generated.generator, source.generated.seed, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     synthetic.generate(source.generated.generator, folder, source.generated.seed)

@@ -99,7 +99,7 @@ def hub_source(repo: str, revision: str = "main", **kw: str) -> Source:
 
 
 def resolve_and_fetch(role: str, source: Source, tmp: Path, dest: str = "view") -> tuple[ResolvedSource, FetchedSource]:
-    resolved = resolve_source(role, source, Workspace(artifacts=tmp / "artifacts"))
+    resolved = resolve_source(role, source, Workspace(artifacts=tmp / "artifacts"), tmp)
     return resolved, fetch(resolved, tmp / dest, cache_dir=tmp / "cache")
 
 
@@ -177,7 +177,7 @@ def test_partially_cached_source_while_the_hub_is_down_says_retry(
     hub_server: HubServer, pipeline_repo: tuple[str, dict[str, bytes]], tmp_path: Path
 ) -> None:
     repo, _ = pipeline_repo
-    resolved = resolve_source("base", hub_source(repo, variant="fp16"), Workspace(artifacts=tmp_path))
+    resolved = resolve_source("base", hub_source(repo, variant="fp16"), Workspace(artifacts=tmp_path), tmp_path)
     hub_server.fail_next("GET", rf"^/{repo}/resolve/.*/unet/diffusion_pytorch_model\.fp16\.safetensors$", status=500)
     with pytest.raises(FetchError):
         fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")  # everything else is cached now
@@ -205,7 +205,7 @@ def test_every_revision_form_resolves_to_a_commit(hf_api: HfApi, new_repo_id: st
     hf_api.create_tag(new_repo_id, tag="v1.0", revision=commit)
     hf_api.upload_file(path_or_fileobj=b"later\n", path_in_repo="NOTES.md", repo_id=new_repo_id)  # main moves on
     revision = {"branch": "release", "tag": "v1.0", "commit": commit}[form]
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id, revision), Workspace(artifacts=tmp_path))
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id, revision), Workspace(artifacts=tmp_path), tmp_path)
     assert resolved.commit == commit
     assert resolved.lock_entry()["revision"] == revision and resolved.lock_entry()["commit"] == commit
 
@@ -214,7 +214,7 @@ def test_revision_moved_between_resolve_and_fetch_keeps_the_pin(hub_server: HubS
                                                                 new_repo_id: str, tmp_path: Path) -> None:
     old = vae_files(new_repo_id)
     old_commit = seed_repo(hf_api, new_repo_id, old, tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id, "main"), Workspace(artifacts=tmp_path))
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id, "main"), Workspace(artifacts=tmp_path), tmp_path)
 
     new_weights = random.Random(f"{new_repo_id}-v2").randbytes(WEIGHT_SIZE)
     hf_api.upload_file(path_or_fileobj=new_weights, path_in_repo="diffusion_pytorch_model.safetensors", repo_id=new_repo_id)
@@ -233,7 +233,7 @@ def test_revision_moved_between_resolve_and_fetch_keeps_the_pin(hub_server: HubS
 def test_corrupt_download_is_refused_evicted_and_refetched(hub_server: HubServer, hf_api: HfApi, new_repo_id: str,
                                                            tmp_path: Path, path: str) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path))
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     hub_server.corrupt_blob(new_repo_id, path)
     with pytest.raises(FetchError) as info:
         fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
@@ -336,7 +336,7 @@ def test_missing_subfolder(pipeline_repo: tuple[str, dict[str, bytes]], tmp_path
 
 def test_file_missing_from_the_pinned_commit(hf_api: HfApi, new_repo_id: str, tmp_path: Path) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path))
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     ghost = SourceFile("diffusion_pytorch_model.fp16.safetensors", 10, "0" * 64)
     stale = ResolvedSource(resolved.role, Source(hub=HubSource(repo=new_repo_id, variant="fp16")), resolved.commit,
                            (*resolved.files, ghost))
@@ -353,7 +353,7 @@ def test_gated_repo_says_accept_the_licence_and_set_hf_token(hub_server: HubServ
                                                              tmp_path: Path) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
     hub_server.set_gated(new_repo_id)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path))
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     with pytest.raises(FetchError) as info:
         fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
     assert str(info.value) == (

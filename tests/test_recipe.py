@@ -41,7 +41,7 @@ def test_real_recipe_pins_hub_sources() -> None:
         ("unknown_component.yaml", "unknown component 'vae_decodr'; did you mean 'vae_decoder'?"),
         ("bad_precision.yaml", "target.inference_precision.0: Input should be 'f32', 'f16' or 'bf16'"),
         ("two_sources.yaml", "base: a source needs exactly one of 'hub', 'local', 'generated' (got ['hub', 'local'])"),
-        ("bad_schema_version.yaml", "line 1: schema_version: Input should be 1"),
+        ("bad_schema_version.yaml", "line 1: schema_version 2 is not supported; this tool reads schema_version 1"),
         ("not_yaml.yaml", "not valid YAML"),
         ("nncf_on_fp16.yaml", "'nncf' settings need weights int8 or int4, not fp16"),
         ("bad_repo_id.yaml", "'stable-diffusion-xl-base-1.0' is not a Hub repo id; write it as 'owner/name'"),
@@ -70,11 +70,13 @@ def test_digest_ignores_formatting(tmp_path: Path) -> None:
 
 
 def test_local_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
+    """Kept as written (nothing recorded depends on the checkout); resolved against the recipe's folder."""
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "r.yaml"
     path.write_text("schema_version: 1\nname: r\nbase: {local: {path: ../pipe}}\n")
     recipe = load_recipe(path)
-    assert recipe.base.local is not None and recipe.base.local.path == (tmp_path / "pipe").resolve()
+    assert recipe.base.local is not None and recipe.base.local.path == Path("../pipe")
+    assert recipe.base.local.folder(path.parent) == (tmp_path / "pipe").resolve()
 
 
 def test_json_schema_file_is_current() -> None:
@@ -91,3 +93,34 @@ def test_every_field_has_a_description() -> None:
         if not prop.get("description")
     ]
     assert missing == []
+
+
+def test_generator_names_match_the_generators() -> None:
+    """The recipe checks generator names without importing torch; the two lists must agree."""
+    from convert import synthetic
+    from convert.recipe_rules import GENERATOR_NAMES
+
+    assert sorted(GENERATOR_NAMES) == sorted(synthetic.GENERATORS)
+
+
+def test_every_allowed_sample_image_loads_offline() -> None:
+    """Each name the recipe accepts is shipped with scikit-image and becomes an RGB batch (no pooch download)."""
+    from convert.recipe_rules import SAMPLE_IMAGES
+    from validate.inputs import sample_images
+
+    batch = sample_images(list(SAMPLE_IMAGES), 16)
+    assert batch.shape == (len(SAMPLE_IMAGES), 3, 16, 16) and -1.0 <= batch.min() and batch.max() <= 1.0
+
+
+def test_loading_a_recipe_stays_light() -> None:
+    """`--plan` and recipe errors answer fast: no torch, and no huggingface_hub for a recipe without Hub ids."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from convert.recipe import load_recipe; "
+        f"load_recipe(__import__('pathlib').Path({str(RECIPES / 'tiny-sdxl-fp16fix.yaml')!r})); "
+        "print(sorted(m for m in ('torch', 'huggingface_hub', 'diffusers', 'openvino') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,165 @@
+"""Rules for recipe values that become folder names, file names, URLs or gate thresholds.
+
+Each is checked when the recipe loads (exit 2), so a hostile or mistaken value never reaches
+a path join, a Hub request or a validation run that ends in a traceback an hour later.
+Light on purpose: no torch, no huggingface_hub until a Hub id is actually checked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+
+from convert.recipe_yaml import short
+
+#: Names of convert.synthetic.GENERATORS, kept here so loading a recipe never imports torch
+#: (a test checks the two agree).
+GENERATOR_NAMES: tuple[str, ...] = (
+    "tiny-sdxl-base",
+    "tiny-sdxl-vae-fp16-fix",
+    "sdxl-base-shapes",
+    "sdxl-vae-shapes",
+    "sdxl-vae-shapes-fp16-fix",
+)
+#: scikit-image sample images shipped inside its wheel (no download) that validate.inputs can
+#: turn into RGB: eagle and friends need pooch and the network; horse and the phantom are not uint8.
+SAMPLE_IMAGES: tuple[str, ...] = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "checkerboard", "clock", "coffee", "coins", "colorwheel",
+    "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page",
+    "retina", "rocket", "text",
+)
+#: The SDXL VAE maps 8x8 pixels to one latent: image sides must be multiples of it.
+VAE_SCALE_FACTOR = 8
+MAX_IMAGE_SIDE = 4096
+MAX_DENOISE_STEPS = 50
+MAX_NAME_LENGTH = 64
+#: Folders of the artifacts tree that are not bundles (see convert.workspace): a recipe named
+#: like one would write its bundles among failed builds or generated sources.
+RESERVED_NAMES: tuple[str, ...] = ("broken", "sources", "logs")
+
+# ----------------------------------------------------------------------------- value rules
+# Recipe values end up in folder names, file names and URLs: each is checked at load.
+
+_SLUG = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_VARIANT = re.compile(r"[A-Za-z0-9_]{1,32}")
+_OV_PROPERTY = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
+def _unprintable(value: str, *, allow_space: bool = True) -> bool:
+    return any(not c.isprintable() or (c.isspace() and not allow_space) for c in value)
+
+
+def slug(value: str) -> str:
+    if len(value) > MAX_NAME_LENGTH or not _SLUG.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"'{short(value)}' is not a safe name: use lowercase letters, digits, '.', '_' and '-', "
+            f"start with a letter or digit, no '..', at most {MAX_NAME_LENGTH} characters (it names folders)"
+        )
+    if value in RESERVED_NAMES:
+        raise ValueError(f"'{value}' is reserved for the artifacts folder's own {value}/ folder; choose another name")
+    return value
+
+
+def relative_subfolder(value: str) -> str:
+    parts = value.rstrip("/").split("/")
+    if (not value or value.startswith("/") or "\\" in value or _unprintable(value)
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ValueError(f"'{short(value)}' is not a relative folder: write it like 'vae' or 'a/b', without '..' or a leading '/'")
+    return "/".join(parts)
+
+
+def variant_token(value: str) -> str:
+    if not _VARIANT.fullmatch(value):
+        raise ValueError(f"'{short(value)}' is not a variant: letters, digits and '_' only, like 'fp16'")
+    return value
+
+
+def git_revision(value: str) -> str:
+    if not value or len(value) > 255 or _unprintable(value, allow_space=False) or ".." in value:
+        raise ValueError(f"'{short(value)}' is not a revision: a branch, tag or commit, without spaces or '..', "
+                         "at most 255 characters")
+    return value
+
+
+def generator_name(value: str) -> str:
+    if value not in GENERATOR_NAMES:
+        raise ValueError(f"unknown generator '{short(value)}'{suggest(value, GENERATOR_NAMES)}")
+    return value
+
+
+def hub_repo_id(value: str) -> str:
+    """owner/name, checked by huggingface_hub's own validator (imported here: it reads the
+    environment once on import, and tests set HF_ENDPOINT before it)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    shape = f"'{short(value)}' is not a Hub repo id; write it as 'owner/name'"
+    if value.count("/") != 1 or any(not part for part in value.split("/")) or not value.isascii():
+        raise ValueError(shape)
+    try:
+        validate_repo_id(value)
+    except HFValidationError as e:
+        reason = str(e).split(":")[0].rstrip(".")
+        raise ValueError(f"{shape} ({short(reason, 160)})") from None
+    return value
+
+
+def image_side(value: int) -> int:
+    if value <= 0 or value > MAX_IMAGE_SIDE:
+        raise ValueError(f"{value} is not an image side: use a multiple of {VAE_SCALE_FACTOR} from "
+                         f"{VAE_SCALE_FACTOR} to {MAX_IMAGE_SIDE}")
+    if value % VAE_SCALE_FACTOR:
+        low = value - value % VAE_SCALE_FACTOR
+        nearest = f"{low} or {low + VAE_SCALE_FACTOR}" if low else f"{VAE_SCALE_FACTOR}"
+        raise ValueError(f"{value} is not a multiple of {VAE_SCALE_FACTOR} (the VAE's scale factor); use {nearest}")
+    return value
+
+
+def psnr_floor(value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{value} is not a PSNR floor: use a finite number of dB >= 0 (e.g. 40)")
+    return value
+
+
+def local_path(value: Any) -> Any:
+    if isinstance(value, str) and (not value.strip() or _unprintable(value)):
+        raise ValueError("a local source needs the path of a folder (relative to the recipe), without control characters")
+    return value
+
+
+def card_tag(value: str) -> str:
+    if not value.strip() or len(value) > 128 or _unprintable(value):
+        raise ValueError(f"'{short(value)}' is not a tag: one line of text, at most 128 characters")
+    return value
+
+
+def ov_properties(value: dict[str, str]) -> dict[str, str]:
+    """Keys become element names in the IR's rt_info XML: OpenVINO property names only."""
+    for key, option in value.items():
+        if not _OV_PROPERTY.fullmatch(key):
+            raise ValueError(f"'{short(key)}' is not an OpenVINO property name (upper-case letters, digits and '_', "
+                             "like ACTIVATIONS_SCALE_FACTOR)")
+        if _unprintable(option):
+            raise ValueError(f"{key}: the value must be one line of printable text")
+    return value
+
+
+Slug = Annotated[str, AfterValidator(slug)]
+HubRepoId = Annotated[str, AfterValidator(hub_repo_id)]
+SubFolder = Annotated[str, AfterValidator(relative_subfolder)]
+Variant = Annotated[str, AfterValidator(variant_token)]
+
+
+def suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    """A did-you-mean that also matches the last part of snake_case names (precison -> inference_precision)."""
+    aliases: dict[str, str] = {}
+    for choice in choices:
+        aliases.setdefault(choice, choice)
+        aliases.setdefault(choice.rsplit("_", 1)[-1], choice)
+    close = difflib.get_close_matches(word, list(aliases), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{aliases[close[0]]}'?"
+    return f"; expected one of: {', '.join(choices)}"
