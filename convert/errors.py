@@ -51,6 +51,12 @@ class ExportError(ConvertError):
     exit_code = 5
 
 
+class ValidationError(ConvertError):
+    """The validation stage could not run (OpenVINO or input errors): nothing was judged."""
+
+    exit_code = 6
+
+
 class ValidationFailed(ConvertError):
     """The validation gate refused the build; it was moved aside and must not be published."""
 
@@ -71,3 +77,37 @@ class PublishError(ConvertError):
     """Publishing to the Hub failed or was refused."""
 
     exit_code = 8
+
+
+class BusyError(ConvertError):
+    """Another live process is building the same recipe into the same artifacts folder.
+
+    75 is sysexits' EX_TEMPFAIL: nothing is wrong with the input, retry once the other build ends.
+    """
+
+    exit_code = 75
+
+
+class UsageError(ConvertError):
+    """The command line itself is wrong (argparse); 64 is sysexits' EX_USAGE."""
+
+    exit_code = 64
+
+
+class InternalError(ConvertError):
+    """An exception no stage expected: a bug of ours or of a library, reported in one line."""
+
+    exit_code = 1
+
+    @classmethod
+    def of(cls, error: BaseException) -> InternalError:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else ""
+        return cls(f"internal error: {type(error).__name__}: {first}" if first else f"internal error: {type(error).__name__}",
+                   hint="run with -v for the traceback")
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`: what a stage wrapper shows of a third-party exception."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
