@@ -7,10 +7,13 @@ Local and generated folders are pinned by a content digest instead.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +160,21 @@ def materialize_generated(source: Source, workspace: Workspace) -> Path:
         known = ", ".join(sorted(synthetic.GENERATORS))
         raise RecipeError(f"unknown generator '{source.generated.generator}'", hint=f"use one of: {known}")
     log.info("generating %s (seed %d) into %s", source.generated.generator, source.generated.seed, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    synthetic.generate(source.generated.generator, folder, source.generated.seed)
+    from convert.staging import new_staging
+
+    # Written in a private staging folder and renamed: a build killed while generating leaves no
+    # half-written source for the next one to reuse, and two builds never write into one folder.
+    scratch = new_staging(workspace, f"generate-{folder.name}")
+    try:
+        synthetic.generate(source.generated.generator, scratch / "out", source.generated.seed)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(scratch / "out", folder)
+        except OSError:
+            if not folder.is_dir():  # else another build generated the same source first: use that one
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 
@@ -243,6 +259,12 @@ def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchErr
         return FetchError(f"{name}: the Hub answered HTTP {status}", hint="retry later; files already downloaded are reused")
     if isinstance(error, hf_errors.LocalEntryNotFoundError):
         return FetchError(f"{name}: not downloaded and not in the cache", hint="check the network or HF_ENDPOINT and retry")
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FetchError(f"{name}: no space left on {constants.HF_HUB_CACHE} while downloading",
+                          hint="free some space there or set HF_HUB_CACHE to another disk")
+    if isinstance(error, PermissionError) or (isinstance(error, OSError) and error.errno == errno.EROFS):
+        return FetchError(f"{name}: cannot write {error.filename or constants.HF_HUB_CACHE}: {error.strerror}",
+                          hint="make the Hugging Face cache writable or set HF_HUB_CACHE to a writable folder")
     if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
         return FetchError(
             f"{name}: the Hub is unreachable at {constants.ENDPOINT} ({type(error).__name__})",
