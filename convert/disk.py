@@ -108,7 +108,6 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        where = Path(e.filename) if e.filename else folder
         reason = "no space left" if is_no_space(e) else e.strerror
-        raise PackageError(f"cannot write {where}: {reason}",
+        raise PackageError(f"cannot write {folder}: {reason}",
                            hint="make it writable or use another --artifacts folder") from e

@@ -56,7 +56,10 @@ def verify(folder: Path) -> list[str]:
     try:
         manifest = json.loads(path.read_text())
         listed: dict[str, dict[str, Any]] = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(manifest["build_id"], str) or not isinstance(listed, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys()
+                                                   for e in listed.values()):
+            raise TypeError("'files' must map each path to its size and sha256")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         return [f"{path}: unreadable manifest ({e})"]
     problems = []
     for rel, entry in listed.items():
