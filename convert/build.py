@@ -31,6 +31,8 @@ from convert.workspace import Workspace
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: Folders of the artifacts folder every build may write to.
+WORK_FOLDERS = (".staging", ".locks", "logs", "sources", "broken")
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
 def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
     notify = progress or (lambda _m: None)
     recipe = load_recipe(recipe_path)
-    disk.check_writable(workspace.artifacts)
+    disk.check_writable(workspace.artifacts, WORK_FOLDERS)
     staging_mod.remove_stale_staging(workspace)
     with staging_mod.recipe_lock(workspace, recipe.name):
         _remove_interrupted_replacements(workspace, recipe.name)

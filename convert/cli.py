@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from convert.errors import ConvertError, InternalError, UsageError, ValidationFailed
+from convert.errors import ConvertError, InternalError, PackageError, UsageError, ValidationFailed
 
 EXIT_OK = 0
 EXIT_USAGE = 64  # argparse-level mistakes; stage errors use ConvertError.exit_code (2..8)
@@ -246,7 +246,10 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     from convert.workspace import PROJECT_ROOT
 
     output = args.output or PROJECT_ROOT / "recipe.schema.json"
-    output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    try:
+        output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    except OSError as e:
+        raise PackageError(f"cannot write {output}: {e.strerror}", hint="give a writable --output path") from e
     print(f"wrote {output}")
     return EXIT_OK
 

@@ -77,7 +77,7 @@ def is_no_space(error: BaseException) -> bool:
 def is_write_refused(error: BaseException) -> bool:
     """Permission, read-only file system, or a file where a folder should be."""
     return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
-                                                          errno.EEXIST)
+                                                          errno.EEXIST, errno.EISDIR)
 
 
 def io_error(error: OSError, where: Path, need: int | None, cls: type[ConvertError]) -> ConvertError | None:
@@ -86,7 +86,11 @@ def io_error(error: OSError, where: Path, need: int | None, cls: type[ConvertErr
         return cls(no_space_message(where, need), hint="free some space or use another --artifacts folder")
     filename = Path(error.filename) if error.filename else None
     if is_write_refused(error) and filename is not None and _is_under(filename, where):
-        return cls(f"cannot write {filename}: {error.strerror}", hint="make it writable or use another --artifacts folder")
+        blocker = next((p for p in (filename, *filename.parents) if p.is_file()), None) if error.errno in (
+            errno.EEXIST, errno.ENOTDIR) else None
+        reason = ("it is a file, not a folder" if blocker == filename else f"{blocker} is a file, not a folder"
+                  ) if blocker else error.strerror
+        return cls(f"cannot write {filename}: {reason}", hint="make it writable or use another --artifacts folder")
     return None
 
 
@@ -98,10 +102,15 @@ def _is_under(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` if needed and prove a file can be made in it, before any work is done."""
-    if folder.exists() and not folder.is_dir():
-        raise PackageError(f"cannot write {folder}: it is a file, not a folder", hint="use another --artifacts folder")
+def check_writable(folder: Path, subfolders: tuple[str, ...] = ()) -> None:
+    """Create `folder` if needed and prove a file can be made in it, before any work is done.
+
+    `subfolders` the build will create must not be files either.
+    """
+    for path in (folder, *(folder / s for s in subfolders)):
+        if path.exists() and not path.is_dir():
+            raise PackageError(f"cannot write {path}: it is a file, not a folder",
+                               hint="move it away or use another --artifacts folder")
     probe = folder / f".write-test.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)

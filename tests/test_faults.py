@@ -202,7 +202,7 @@ def test_artifacts_is_a_file_exit_7(tmp_path: Path, capsys: pytest.CaptureFixtur
     path = write_recipe(tmp_path, "to-a-file", f"base: {{{GENERATED_BASE}}}\n")
     assert main(["--artifacts", str(target), "convert", str(path)]) == 7
     line = one_error_line(capsys)
-    assert line == f"error: cannot write {target}: it is a file, not a folder; use another --artifacts folder"
+    assert line == f"error: cannot write {target}: it is a file, not a folder; move it away or use another --artifacts folder"
     assert target.read_text() == "x"
 
 
@@ -214,17 +214,29 @@ def test_artifacts_below_a_file_exit_7(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"cannot write {target}: Not a directory" in one_error_line(capsys)
 
 
-def test_staging_folder_is_a_file_exit_7(tmp_path: Path, tiny_sources: dict[str, Path],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """A refused write in the middle of the artifacts folder: one line naming it, no bundle."""
+@pytest.mark.parametrize("blocked", [".staging", "logs", "sources"])
+def test_a_file_where_a_work_folder_goes_exit_7(blocked: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     art = tmp_path / "art"
     art.mkdir()
-    (art / ".staging").write_text("in the way")
-    path = local_recipe(tmp_path, "staging-file", tiny_sources)
+    (art / blocked).write_text("in the way")
+    path = write_recipe(tmp_path, "blocked", f"base: {{{GENERATED_BASE}}}\n")
     assert main(["--artifacts", str(art), "convert", str(path)]) == 7
-    line = one_error_line(capsys)
-    assert f"cannot write {art / '.staging'}/" in line and ": Not a directory" in line
-    assert not (art / "staging-file").exists()
+    assert one_error_line(capsys) == (f"error: cannot write {art / blocked}: it is a file, not a folder; "
+                                      "move it away or use another --artifacts folder")
+    assert sorted(p.name for p in art.iterdir()) == [blocked]
+
+
+def test_refused_write_during_a_stage_is_that_stages_error(tmp_path: Path, tiny_sources: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The resolve stage's log is a folder: the write fails mid-build, named, with resolve's exit code."""
+    art = tmp_path / "art"
+    log = art / "logs" / "log-in-the-way.resolve.log"
+    log.mkdir(parents=True)
+    path = local_recipe(tmp_path, "log-in-the-way", tiny_sources)
+    assert main(["--artifacts", str(art), "convert", str(path)]) == 3
+    assert one_error_line(capsys) == (f"error: cannot write {log}: Is a directory; "
+                                      "make it writable or use another --artifacts folder")
+    assert_nothing_written(art, "log-in-the-way")
 
 
 @pytest.fixture
