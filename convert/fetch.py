@@ -195,7 +195,7 @@ def _download(resolved: ResolvedSource, selected: list[SourceFile], cache_dir: P
             )
         )
     except Exception as e:  # every client error becomes one line (hub_error)
-        raise hub_error(resolved.role, repo, resolved.commit, e) from e
+        raise hub_error(resolved.role, repo, resolved.commit, e, _cache_root(cache_dir)) from e
     absent = [f.path for f in selected if not (folder / f.path).is_file()]
     if absent:
         # The client falls back to a partial cached snapshot when the Hub does not answer, and

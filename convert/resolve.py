@@ -7,7 +7,6 @@ Local and generated folders are pinned by a content digest instead.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.metadata
 import json
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.disk import io_error
 from convert.errors import FetchError, RecipeError
 from convert.recipe import Recipe, Source, recipe_digest
 from convert.workspace import Workspace
@@ -228,7 +228,7 @@ def _remote_files(siblings: Iterable[Any]) -> Iterable[SourceFile]:
         yield SourceFile(path=s.rfilename, size=int(size or 0), sha256=sha, git_oid=git_oid)
 
 
-def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchError:
+def hub_error(role: str, repo: str, revision: str, error: Exception, cache: Path | None = None) -> FetchError:
     """Map huggingface_hub's exceptions to one line that says what to do.
 
     The client wraps a failed metadata request of a download into LocalEntryNotFoundError
@@ -259,12 +259,11 @@ def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchErr
         return FetchError(f"{name}: the Hub answered HTTP {status}", hint="retry later; files already downloaded are reused")
     if isinstance(error, hf_errors.LocalEntryNotFoundError):
         return FetchError(f"{name}: not downloaded and not in the cache", hint="check the network or HF_ENDPOINT and retry")
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return FetchError(f"{name}: no space left on {constants.HF_HUB_CACHE} while downloading",
-                          hint="free some space there or set HF_HUB_CACHE to another disk")
-    if isinstance(error, PermissionError) or (isinstance(error, OSError) and error.errno == errno.EROFS):
-        return FetchError(f"{name}: cannot write {error.filename or constants.HF_HUB_CACHE}: {error.strerror}",
-                          hint="make the Hugging Face cache writable or set HF_HUB_CACHE to a writable folder")
+    if isinstance(error, OSError):  # the cache, not the Hub: a full disk or a folder we may not write
+        mapped = io_error(error, Path(cache or constants.HF_HUB_CACHE), None, FetchError)
+        if mapped is not None:
+            return FetchError(f"{name}: {mapped.message}",
+                              hint="free space or fix the Hugging Face cache's permissions, or set HF_HUB_CACHE to another folder")
     if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
         return FetchError(
             f"{name}: the Hub is unreachable at {constants.ENDPOINT} ({type(error).__name__})",
