@@ -134,7 +134,7 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
 def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
     notify = progress or (lambda _m: None)
     recipe = load_recipe(recipe_path)
-    disk.check_writable(workspace.artifacts, WORK_FOLDERS)
+    disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
     staging_mod.remove_stale_staging(workspace)
     with staging_mod.recipe_lock(workspace, recipe.name):
         _remove_interrupted_replacements(workspace, recipe.name)
