@@ -405,9 +405,9 @@ def test_stale_staging_of_dead_builds_is_removed_live_kept(tmp_path: Path, capsy
     (dead / "bundle" / "unet").mkdir(parents=True)
     (dead / "bundle" / "unet" / "openvino_model.bin").write_bytes(b"\0" * 1024)
     Owner(int(dead.name.split(".")[1]), Owner.me().host, None).write(dead / OWNER)
-    reused = art / ".staging" / "cccc.1.00000000"  # pid 1 is alive, but started long before this owner says
+    reused = art / ".staging" / "cccc.1.00000000"  # pid 1 is alive, but not the process that owned this (start times differ)
     reused.mkdir()
-    Owner(1, Owner.me().host, "1").write(reused / OWNER)
+    Owner(1, Owner.me().host, "-1").write(reused / OWNER)
     legacy = art / ".staging" / "0123456789abcdef"  # an older version's, without owner.json
     legacy.mkdir()
     os.utime(legacy, (time.time() - 3600, time.time() - 3600))
