@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -64,7 +64,9 @@ def verify(folder: Path) -> list[str]:
     problems = []
     for rel, entry in listed.items():
         file = folder / rel
-        if not file.is_file():
+        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+            problems.append(f"{rel}: outside the bundle")  # a hostile manifest must not make us read (or publish) /etc
+        elif not file.is_file():
             problems.append(f"{rel}: missing")
         elif file.stat().st_size != entry["size"]:
             problems.append(f"{rel}: size {file.stat().st_size} != {entry['size']}")

@@ -454,3 +454,19 @@ def test_force_replaces_a_bundle_through_the_builds_own_staging(tmp_path: Path) 
     finalize(staging / "bundle", dest, "id", trash=staging / "replaced")
     assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "new.txt"] and verify(dest) == []
     assert not (staging / "replaced").exists() and list((tmp_path / "art" / "r").iterdir()) == [dest]
+
+
+@pytest.mark.parametrize(("manifest", "problem"), [
+    (b"\xff\xfe", "unreadable manifest ('utf-8' codec can't decode byte 0xff"),
+    (b'{"build_id": "x", "files": []}', "unreadable manifest ('files' must map each path to its size and sha256)"),
+    (b'{"files": {}}', "unreadable manifest ('build_id')"),
+    (b'{"build_id": "x", "files": {"../../../../../../etc/hostname": {"size": 1, "sha256": "0"}}}',
+     "../../../../../../etc/hostname: outside the bundle"),
+])
+def test_verify_a_hostile_manifest_exit_7(manifest: bytes, problem: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_bytes(manifest)
+    assert main(["verify", str(tmp_path / "bundle")]) == 7
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {tmp_path / 'bundle'}: bundle does not verify: ") and problem in line
