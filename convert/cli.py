@@ -21,7 +21,9 @@ from typing import Any, NoReturn
 from convert.errors import ConvertError, InternalError, PackageError, UsageError, ValidationFailed
 
 EXIT_OK = 0
-EXIT_USAGE = 64  # argparse-level mistakes; stage errors use ConvertError.exit_code (2..8)
+EXIT_USAGE = 64  # argparse-level mistakes (UsageError); errors use ConvertError.exit_code (1..8, 75)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 log = logging.getLogger("convert")
 
@@ -40,23 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvertError as e:
         return _fail(e, verbose, as_json)
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, _Terminated)
-        message = ("terminated" if terminated else "interrupted") + "; nothing was published and no bundle was half-written"
+        name, code = ("Terminated", EXIT_TERMINATED) if isinstance(e, _Terminated) else ("Interrupted", EXIT_INTERRUPTED)
+        message = f"{name.lower()}; nothing was published and no bundle was half-written"
         if as_json:
-            code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-            print(json.dumps({"status": "error", "error": type(e).__name__, "message": message, "exit_code": code}))
+            print(json.dumps({"status": "error", "error": name, "message": message, "exit_code": code}))
         _console(stderr=True).print(message, highlight=False)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return code
     except Exception as e:  # a bug (ours or a library's) still ends in one line and, with --json, a document
         if verbose:
             log.error("unexpected error", exc_info=e)
         return _fail(InternalError.of(e), False, as_json)
     finally:
         _restore_sigterm(previous)
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class _Terminated(KeyboardInterrupt):

@@ -95,11 +95,8 @@ def io_error(error: OSError, where: Path, need: int | None, cls: type[ConvertErr
 
 
 def _is_under(path: Path, folder: Path) -> bool:
-    try:
-        path.absolute().relative_to(folder.absolute())
-        return True
-    except ValueError:
-        return False
+    """Resolved: a staging link to a user's source file is not a file of ours (its errors are reads)."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def check_writable(folder: Path, subfolders: tuple[str, ...] = ()) -> None:

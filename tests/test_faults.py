@@ -147,7 +147,8 @@ def test_keyboard_interrupt_with_json(tmp_path: Path, capsys: pytest.CaptureFixt
     monkeypatch.setattr(build, "plan", interrupt)
     assert main(["convert", "tiny-sdxl-fp16fix", "--plan", "--json", "--artifacts", str(tmp_path)]) == 130
     out = json.loads(capsys.readouterr().out)
-    assert out["status"] == "error" and out["exit_code"] == 130 and out["message"].startswith("interrupted;")
+    assert out["status"] == "error" and out["error"] == "Interrupted" and out["exit_code"] == 130
+    assert out["message"] == "interrupted; nothing was published and no bundle was half-written"
 
 
 # ----------------------------------------------------------------------------- corrupt sources
