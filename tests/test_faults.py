@@ -471,3 +471,14 @@ def test_verify_a_hostile_manifest_exit_7(manifest: bytes, problem: str, tmp_pat
     assert main(["verify", str(tmp_path / "bundle")]) == 7
     line = one_error_line(capsys)
     assert line.startswith(f"error: {tmp_path / 'bundle'}: bundle does not verify: ") and problem in line
+
+
+def test_space_estimate_of_the_real_sdxl_bundle_is_close_and_never_under() -> None:
+    """SDXL's parameter counts with the bench recipe's formats against the bundle BENCHMARKS.md measured."""
+    from convert.disk import GIB, bundle_bytes
+
+    params = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684, "vae": 83_653_863}
+    fp16 = dict.fromkeys(("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"), "fp16")
+    for weights, measured_gib in ((fp16, 6.47), (fp16 | {"unet": "int8"}, 4.09)):
+        estimate = bundle_bytes(params, weights) / GIB
+        assert measured_gib <= estimate <= measured_gib * 1.15, (weights["unet"], estimate)
