@@ -135,6 +135,7 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
     notify = progress or (lambda _m: None)
     recipe = load_recipe(recipe_path)
     disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
+    disk.keep_free_bytes()  # a malformed reserve fails now, not after the fetch
     staging_mod.remove_stale_staging(workspace)
     with staging_mod.recipe_lock(workspace, recipe.name):
         _remove_interrupted_replacements(workspace, recipe.name)

@@ -22,8 +22,7 @@ from convert.errors import ConvertError, InternalError, PackageError, UsageError
 
 EXIT_OK = 0
 EXIT_USAGE = 64  # argparse-level mistakes (UsageError); errors use ConvertError.exit_code (1..8, 75)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; SIGTERM and SIGHUP exit 128 + their number
 
 log = logging.getLogger("convert")
 
@@ -31,7 +30,7 @@ log = logging.getLogger("convert")
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json, verbose = _wants_json(argv), _wants_verbose(argv)
-    previous = _handle_sigterm()
+    previous = _handle_signals()
     try:
         args = _parser().parse_args(argv)
         as_json, verbose = args.json, args.verbose
@@ -42,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvertError as e:
         return _fail(e, verbose, as_json)
     except KeyboardInterrupt as e:
-        name, code = ("Terminated", EXIT_TERMINATED) if isinstance(e, _Terminated) else ("Interrupted", EXIT_INTERRUPTED)
+        name, code = ("Terminated", 128 + e.signum) if isinstance(e, _Terminated) else ("Interrupted", EXIT_INTERRUPTED)
         message = f"{name.lower()}; nothing was published and no bundle was half-written"
         if as_json:
             print(json.dumps({"status": "error", "error": name, "message": message, "exit_code": code}))
@@ -53,26 +52,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("unexpected error", exc_info=e)
         return _fail(InternalError.of(e), False, as_json)
     finally:
-        _restore_sigterm(previous)
+        _restore_signals(previous)
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so every `finally` (staging removal, lock release) runs."""
+    """SIGTERM or SIGHUP, raised in the main thread so every `finally` (staging removal, lock release) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(_signum: int, _frame: Any) -> None:
-    raise _Terminated()
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise _Terminated(signum)
 
 
-def _handle_sigterm() -> Any:
+_CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a closed terminal must not strand a staging folder either
+
+
+def _handle_signals() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _on_sigterm)
+        return {}
+    return {sig: signal.signal(sig, _on_signal) for sig in _CLEAN_EXIT_SIGNALS}
 
 
-def _restore_sigterm(previous: Any) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _global_flags(argv: list[str]) -> list[str]:

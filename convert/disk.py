@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from convert.errors import ConvertError, PackageError
+from convert.errors import ConvertError, PackageError, UsageError
 
 GIB = 1024**3
 #: Bytes per weight of each recipe weight format; int8/int4 carry per-channel/group scales on top.
@@ -48,7 +48,7 @@ def keep_free_bytes(environ: Mapping[str, str] = os.environ) -> int:
     try:
         value = float(raw)
     except ValueError:
-        raise PackageError(f"{KEEP_FREE_ENV}={raw!r} is not a number of GiB", hint="unset it or give e.g. 10") from None
+        raise UsageError(f"{KEEP_FREE_ENV}={raw!r} is not a number of GiB", hint="unset it or give e.g. 10") from None
     return max(0, int(value * GIB))
 
 
@@ -106,7 +106,7 @@ def check_writable(folder: Path, subfolders: tuple[str, ...] = ()) -> None:
     """
     for path in (folder, *(folder / s for s in subfolders)):
         if path.exists() and not path.is_dir():
-            raise PackageError(f"cannot write {path}: it is a file, not a folder",
+            raise PackageError(f"cannot write {path}: it is {'a file, ' if path.is_file() else ''}not a folder",
                                hint="move it away or use another --artifacts folder")
     probe = folder / f".write-test.{os.getpid()}.{secrets.token_hex(4)}"
     try:

@@ -482,3 +482,32 @@ def test_space_estimate_of_the_real_sdxl_bundle_is_close_and_never_under() -> No
     for weights, measured_gib in ((fp16, 6.47), (fp16 | {"unet": "int8"}, 4.09)):
         estimate = bundle_bytes(params, weights) / GIB
         assert measured_gib <= estimate <= measured_gib * 1.15, (weights["unet"], estimate)
+
+
+def test_malformed_keep_free_reserve_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", "lots")
+    path = write_recipe(tmp_path, "reserve-typo", f"base: {{{GENERATED_BASE}}}\n")
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 64
+    assert one_error_line(capsys) == "error: SDXL_CONVERT_KEEP_FREE_GIB='lots' is not a number of GiB; unset it or give e.g. 10"
+    assert_nothing_written(tmp_path / "art", "reserve-typo")
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_termination_signals_end_cleanly_with_a_json_document(signum: int, code: int, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real signal to this process while a command runs; the previous handler is restored after."""
+    from convert import build
+
+    def signalled(*_args: object, **_kwargs: object) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises before this ends
+
+    before = signal.getsignal(signum)
+    monkeypatch.setattr(build, "plan", signalled)
+    assert main(["convert", "tiny-sdxl-fp16fix", "--plan", "--json", "--artifacts", str(tmp_path)]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"status": "error", "error": "Terminated", "exit_code": code,
+                   "message": "terminated; nothing was published and no bundle was half-written"}
+    assert signal.getsignal(signum) == before
