@@ -7,6 +7,7 @@ an exit code without knowing anything about diffusers, OpenVINO or the Hub clien
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -101,13 +102,27 @@ class InternalError(ConvertError):
 
     @classmethod
     def of(cls, error: BaseException) -> InternalError:
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else ""
-        return cls(f"internal error: {type(error).__name__}: {first}" if first else f"internal error: {type(error).__name__}",
-                   hint="run with -v for the traceback")
+        return cls(f"internal error: {first_line(error)}", hint="run with -v for the traceback")
 
 
-def first_line(error: BaseException) -> str:
-    """`Type: first line of the message`: what a stage wrapper shows of a third-party exception."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+#: OpenVINO prefixes its messages with the C++ source locations they passed through.
+_SOURCE_LOCATION = re.compile(r"^(Exception from |Check '.*' failed at )\S+:\d+:$")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of a third-party exception, as a stage wrapper shows it.
+
+    OpenVINO's "Exception from src/...:117:" location lines are skipped and a line ending in
+    ":" takes the next one along, so the line says what went wrong ("Unsupported element
+    type: bogus"), not where in C++.
+    """
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    kept = [ln for ln in lines if ln and not _SOURCE_LOCATION.match(ln)]
+    text = ""
+    for line in kept:
+        text = f"{text} {line}".strip()
+        if not line.endswith(":"):
+            break
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -95,7 +95,7 @@ def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSett
             raise  # a full disk or refused write in the bundle: the build names it with the space needed
         raise ExportError(f"{name}: conversion failed: {first_line(e)}", hint="run with -v for the traceback") from e
     except Exception as e:  # torch/optimum/OpenVINO raise many kinds; one line for the user
-        raise ExportError(f"{name}: conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        raise ExportError(f"{name}: conversion failed: {first_line(e)}",
                           hint="run with -v for the traceback") from e
     model = compress_weights(model, name, settings)
     options = finish_ir(model, settings, precisions, build_id)

@@ -336,6 +336,26 @@ def test_validation_stage_errors_are_one_line_exit_6(tmp_path: Path) -> None:
     assert "\n" not in str(raised.value)
 
 
+def test_openvino_error_in_the_validation_stage_exit_6(tmp_path: Path, tiny_sources: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A runtime option OpenVINO accepts into rt_info but refuses at compile time, reached cheaply:
+    only the tiny VAE decoder is exported, validated at f32 without a denoising run."""
+    off = "{export: false}"
+    path = write_recipe(tmp_path, "bad-runtime-option", f"base: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n"
+                        "components:\n" + "".join(f"  {c}: {off}\n" for c in (
+                            "text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))
+                        + "  vae_decoder: {weights: fp16, runtime_options: {KV_CACHE_PRECISION: bogus}}\n"
+                        "target: {device: CPU, inference_precision: [f32]}\n"
+                        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}\n")
+    art = tmp_path / "art"
+    assert main(["--artifacts", str(art), "convert", str(path)]) == 6
+    line = one_error_line(capsys)
+    assert line == ("error: vae_decoder: validation could not run: RuntimeError: Unsupported element type: bogus; "
+                    "run with -v for the traceback; the converters' output is in the build log")
+    assert_nothing_written(art, "bad-runtime-option")
+    assert not (art / "broken").exists()
+
+
 # ----------------------------------------------------------------------------- concurrent and dead builds
 
 
