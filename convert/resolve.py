@@ -133,8 +133,9 @@ def resolve_source(role: str, source: Source, workspace: Workspace) -> ResolvedS
     if source.local is not None:
         folder = source.local.path
         if not folder.is_dir():
+            what = "is a file; a local source is a folder in diffusers layout" if folder.exists() else "does not exist"
             raise FetchError(
-                f"{role}: local source folder {folder} does not exist",
+                f"{role}: local source folder {folder} {what}",
                 hint="fix the path (relative paths are relative to the recipe) or build the folder first",
             )
         return _resolve_folder(role, source, folder)
