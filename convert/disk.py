@@ -61,8 +61,12 @@ def no_space_message(path: Path, need: int | None) -> str:
 
 
 def check_free_space(folder: Path, need: int, error: type[ConvertError]) -> None:
-    """Refuse up front what would fill the disk; `error` is the class of the stage that would fail."""
-    free = shutil.disk_usage(folder).free
+    """Refuse up front what would fill the disk; `error` is the class of the stage that would fail.
+
+    `folder` need not exist yet (a cache made on first use): its nearest existing parent is measured.
+    """
+    measured = next((p for p in (folder, *folder.parents) if p.exists()), Path(folder.anchor or "/"))
+    free = shutil.disk_usage(measured).free
     keep = keep_free_bytes()
     if free - keep < need:
         reserve = f" and {KEEP_FREE_ENV} keeps {gib(keep)} GiB" if keep else ""

@@ -224,9 +224,8 @@ def _check_cache_space(role: str, cache: Path, need: int) -> None:
     """A download that cannot fit fails now, not after gigabytes (the client only warns)."""
     from convert.disk import check_free_space
 
-    existing = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
     try:
-        check_free_space(existing, need, FetchError)
+        check_free_space(cache, need, FetchError)
     except FetchError as e:
         raise FetchError(f"{role}: {e.message}", hint="free some space there or set HF_HUB_CACHE to another disk") from None
 

@@ -398,3 +398,18 @@ def test_unwritable_hf_cache_says_cannot_write(hf_api: HfApi, new_repo_id: str, 
     message = str(info.value)
     assert f"substitutions.vae: {new_repo_id}@" in message and f"cannot write {cache}" in message, message
     assert "HF_HUB_CACHE" in message and not (tmp_path / "view").exists()
+
+
+def test_download_that_cannot_fit_the_cache_is_refused_before_it_starts(
+    hub_server: HubServer, hf_api: HfApi, new_repo_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path))
+    monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", str(2**40))  # a reserve larger than any disk
+    start = len(hub_server.requests_log())
+    with pytest.raises(FetchError) as info:
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+    assert str(info.value).startswith(f"substitutions.vae: no space left on {tmp_path / 'cache'}, need about 0.1 GiB; ")
+    assert "set HF_HUB_CACHE to another disk" in str(info.value)
+    assert not [p for m, p, _ in resolve_requests(hub_server, new_repo_id, start) if m == "GET"]
+    assert not (tmp_path / "view").exists()
