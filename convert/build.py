@@ -3,6 +3,8 @@
 Callable from Python and tests; the CLI only renders what this returns. Every build
 works in its own staging folder, which ends either renamed to the bundle, moved to
 `broken/` (validation failed) or deleted (any other error): never half-written output.
+A build holds its recipe's lock from resolve to rename (convert.staging), and first
+removes the staging folders of builds that died.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import package
+from convert import disk, package
+from convert import staging as staging_mod
 from convert.capture import redirect_output
-from convert.errors import FetchError, ValidationFailed
-from convert.fetch import FetchedSource, fetch
-from convert.recipe import Recipe, load_recipe
+from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, ValidationError,
+                            ValidationFailed)
+from convert.fetch import FetchedSource, fetch, folder_params
+from convert.recipe import WEIGHTED_COMPONENTS, Recipe, load_recipe
 from convert.resolve import Resolution, generated_dir, resolve, resolve_source, source_roles
 from convert.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: Folders of the artifacts folder every build may write to.
+WORK_FOLDERS = (".staging", ".locks", "logs", "sources", "broken")
 
 
 @dataclass(frozen=True)
@@ -127,11 +133,20 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
 
 def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
     notify = progress or (lambda _m: None)
+    recipe = load_recipe(recipe_path)
+    disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
+    disk.keep_free_bytes()  # a malformed reserve fails now, not after the fetch
+    staging_mod.remove_stale_staging(workspace)
+    with staging_mod.recipe_lock(workspace, recipe.name):
+        _remove_interrupted_replacements(workspace, recipe.name)
+        return _locked_build(recipe, recipe_path, workspace, force, notify)
+
+
+def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force: bool, notify: Progress) -> BuildResult:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    recipe = load_recipe(recipe_path)
     notify("resolve: pinning sources (generated sources are built on first use)")
-    with redirect_output(workspace.log_file(recipe.name, "resolve")):
+    with _stage("resolve", timings, workspace, FetchError), redirect_output(workspace.log_file(recipe.name, "resolve")):
         resolution = resolve(recipe, recipe_path, workspace)
     timings["resolve"] = time.monotonic() - t0
     build_id = resolution.build_id
@@ -141,24 +156,42 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
         info = package.load_bundle(dest)
         return _result_from_existing(info, resolution)
 
-    staging = workspace.staging / build_id
-    shutil.rmtree(staging, ignore_errors=True)
+    with _stage("staging", {}, workspace, PackageError):
+        staging = staging_mod.new_staging(workspace, build_id)
     bundle_dir = staging / "bundle"
-    bundle_dir.mkdir(parents=True)
     log_path = workspace.log_file(recipe.name)
-    log_path.unlink(missing_ok=True)
     try:
+        bundle_dir.mkdir()
+        log_path.unlink(missing_ok=True)
         return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _remove_interrupted_replacements(workspace: Workspace, recipe_name: str) -> None:
+    """`<build-id>.old` folders: what an older version's `--force` left when it was killed mid-rename."""
+    folder = workspace.artifacts / recipe_name
+    for old in folder.glob("*.old") if folder.is_dir() else []:
+        log.warning("removing %s, a bundle an interrupted --force build was replacing", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
-def _stage(name: str, timings: dict[str, float], log: Path | None = None) -> Iterator[None]:
-    """Time a stage; with `log`, its libraries' output goes there instead of the terminal."""
+def _stage(name: str, timings: dict[str, float], workspace: Workspace, error: type[ConvertError],
+           log: Path | None = None, need: int | None = None) -> Iterator[None]:
+    """Time a stage; with `log`, its libraries' output goes there instead of the terminal.
+
+    A full disk or a refused write under the artifacts folder becomes the stage's own one-line error.
+    """
     started = time.monotonic()
-    with redirect_output(log) if log else nullcontext():
-        yield
+    try:
+        with redirect_output(log) if log else nullcontext():
+            yield
+    except OSError as e:
+        mapped = disk.io_error(e, workspace.artifacts, need, error)
+        if mapped is None:
+            raise
+        raise mapped from e
     timings[name] = time.monotonic() - started
 
 
@@ -170,19 +203,21 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
 
     recipe = resolution.recipe
     fetched: dict[str, FetchedSource] = {}
-    with _stage("fetch", timings):  # not redirected: the Hub client's download bars stay visible
+    with _stage("fetch", timings, workspace, FetchError):  # not redirected: the Hub client's download bars stay visible
         for source in resolution.sources:
             notify(f"fetch: {source.role} ({source.source.describe()})")
             folder = staging / "sources" / source.role.replace(".", "_")
             fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache)
+    need = disk.bundle_bytes(weight_params(fetched), exported_weights(recipe))
+    disk.check_free_space(workspace.artifacts, need, ExportError)
 
-    with _stage("patch", timings, log):
+    with _stage("patch", timings, workspace, PatchError, log, need):
         notify("patch: loading the pipeline and substituting components")
         substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role != "base"}
         allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
         patched = patch(fetched["base"], substitutes, allow)
 
-    with _stage("export", timings, log):
+    with _stage("export", timings, workspace, ExportError, log, need):
         exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify)
     components = [
         {"name": e.name, "weights": e.weights,
@@ -191,24 +226,23 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         for e in exported
     ]
 
-    with _stage("validate", timings, log):
+    with _stage("validate", timings, workspace, ValidationError, log, need):
         notify("validate: decoding at the target precisions")
         report = run_validation(bundle_dir, patched, recipe, notify)
         report.write(bundle_dir / "validation")
     del patched
 
-    package.write_json(bundle_dir / package.BUILD_INFO, package.build_info(resolution, components, report.fit_checks))
-    (bundle_dir / "recipe.yaml").write_text(resolution.recipe_path.read_text())
-    (bundle_dir / package.CARD).write_text(
-        package.model_card(resolution, components, report.headline(), report.to_markdown(image_dir="validation"))
-    )
-    if not report.passed:
-        broken = package.move_aside(bundle_dir, workspace.broken, resolution.build_id)
-        raise ValidationFailed(report.failures, path=broken)
-
-    with _stage("package", timings):
+    with _stage("package", timings, workspace, PackageError, need=need):
+        package.write_json(bundle_dir / package.BUILD_INFO, package.build_info(resolution, components, report.fit_checks))
+        (bundle_dir / "recipe.yaml").write_text(resolution.recipe_path.read_text())
+        (bundle_dir / package.CARD).write_text(
+            package.model_card(resolution, components, report.headline(), report.to_markdown(image_dir="validation"))
+        )
+        if not report.passed:
+            broken = package.move_aside(bundle_dir, workspace.broken, resolution.build_id)
+            raise ValidationFailed(report.failures, path=broken)
         notify("package: manifest and atomic rename")
-        bundle = package.finalize(bundle_dir, dest, resolution.build_id)
+        bundle = package.finalize(bundle_dir, dest, resolution.build_id, trash=staging / "replaced")
     return BuildResult(
         bundle=bundle.path,
         build_id=resolution.build_id,
@@ -218,6 +252,17 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         timings=timings,
         sources=[s.lock_entry() for s in resolution.sources],
     )
+
+
+def weight_params(fetched: dict[str, FetchedSource]) -> dict[str, int]:
+    """Parameters per pipeline folder (text_encoder, unet, vae, ...), substitutes in place, from headers."""
+    folders = {c: fetched["base"].path / c for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
+    folders |= {role.split(".", 1)[1]: f.path for role, f in fetched.items() if role != "base"}
+    return {c: folder_params(folder) for c, folder in folders.items()}
+
+
+def exported_weights(recipe: Recipe) -> dict[str, str]:
+    return {c: recipe.settings_for(c).weights for c in WEIGHTED_COMPONENTS if recipe.settings_for(c).export}
 
 
 def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> BuildResult:

@@ -11,38 +11,99 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from convert.errors import ConvertError, ValidationFailed
+from convert.errors import ConvertError, InternalError, PackageError, UsageError, ValidationFailed
 
 EXIT_OK = 0
-EXIT_USAGE = 64  # argparse-level mistakes; stage errors use ConvertError.exit_code (2..8)
+EXIT_USAGE = 64  # argparse-level mistakes (UsageError); errors use ConvertError.exit_code (1..8, 75)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; SIGTERM and SIGHUP exit 128 + their number
 
 log = logging.getLogger("convert")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.json)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json, verbose = _wants_json(argv), _wants_verbose(argv)
+    previous = _handle_signals()
     try:
+        args = _parser().parse_args(argv)
+        as_json, verbose = args.json, args.verbose
+        _configure_logging(verbose, as_json)
         return int(args.func(args))
+    except SystemExit as e:  # --help / --version: argparse's own exit, status 0
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     except ConvertError as e:
-        if args.verbose:
-            log.exception("failed")
-        if args.json:
-            payload = {"status": "error", "error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
-            if isinstance(e, ValidationFailed):
-                payload |= {"failures": e.failures, "moved_to": str(e.path)}
-            print(json.dumps(payload))
-        _print_error(e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        _console(stderr=True).print("interrupted; nothing was published and no bundle was half-written")
-        return 130
+        return _fail(e, verbose, as_json)
+    except KeyboardInterrupt as e:
+        name, code = ("Terminated", 128 + e.signum) if isinstance(e, _Terminated) else ("Interrupted", EXIT_INTERRUPTED)
+        message = f"{name.lower()}; nothing was published and no bundle was half-written"
+        if as_json:
+            print(json.dumps({"status": "error", "error": name, "message": message, "exit_code": code}))
+        _console(stderr=True).print(message, highlight=False)
+        return code
+    except Exception as e:  # a bug (ours or a library's) still ends in one line and, with --json, a document
+        if verbose:
+            log.error("unexpected error", exc_info=e)
+        return _fail(InternalError.of(e), False, as_json)
+    finally:
+        _restore_signals(previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so every `finally` (staging removal, lock release) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+_CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a closed terminal must not strand a staging folder either
+
+
+def _handle_signals() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_signal) for sig in _CLEAN_EXIT_SIGNALS}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _global_flags(argv: list[str]) -> list[str]:
+    return argv[: argv.index("--")] if "--" in argv else argv
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Before parsing succeeds (a usage error), --json anywhere still asks for a JSON document."""
+    return "--json" in _global_flags(argv)
+
+
+def _wants_verbose(argv: list[str]) -> bool:
+    return any(a in ("-v", "--verbose") for a in _global_flags(argv))
+
+
+def _fail(error: ConvertError, verbose: bool, as_json: bool) -> int:
+    if verbose and not isinstance(error, (UsageError, InternalError)):
+        log.error("failed", exc_info=error)
+    if as_json:
+        payload = {"status": "error", "error": type(error).__name__, "message": str(error), "exit_code": error.exit_code}
+        if isinstance(error, ValidationFailed):
+            payload |= {"failures": error.failures, "moved_to": str(error.path)}
+        print(json.dumps(payload))
+    _print_error(error)
+    return error.exit_code
 
 
 def _print_error(error: ConvertError) -> None:
@@ -59,31 +120,48 @@ def _print_error(error: ConvertError) -> None:
     console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as UsageError (exit 64) instead of exiting 2, the recipe-error code."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The same flags before and after the subcommand; after it, absent flags must not reset them."""
+    flag = {"action": "store_true"} if default is None else {"action": "store_true", "default": default}
+    parser.add_argument("-v", "--verbose", help="debug logging and tracebacks", **flag)
+    parser.add_argument("--json", help="machine-readable output on stdout (for CI)", **flag)
+    parser.add_argument("--artifacts", type=Path, default=default,
+                        help="output folder (default: artifacts/ of the project)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdxl-convert", description="Convert SDXL pipelines to validated OpenVINO IR bundles from YAML recipes."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout (for CI)")
-    parser.add_argument("--artifacts", type=Path, default=None, help="output folder (default: artifacts/ of the project)")
+    _add_global_flags(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)
+    _add_global_flags(common, argparse.SUPPRESS)
 
-    conv = sub.add_parser("convert", help="run a recipe: resolve, fetch, patch, export, validate, package")
+    conv = sub.add_parser("convert", parents=[common], help="run a recipe: resolve, fetch, patch, export, validate, package")
     conv.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a .yaml file")
     conv.add_argument("--plan", action="store_true", help="print the resolved plan and stop (no downloads)")
     conv.add_argument("--force", action="store_true", help="rebuild even if a bundle with this build id verifies")
     conv.add_argument("--publish", action="store_true", help="publish the bundle to the recipe's publish.repo")
     conv.set_defaults(func=_cmd_convert)
 
-    verify = sub.add_parser("verify", help="check a bundle's files against its manifest")
+    verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
     verify.add_argument("bundle", type=Path)
     verify.set_defaults(func=_cmd_verify)
 
-    schema = sub.add_parser("schema", help="write the recipe JSON Schema (for editor completion)")
+    schema = sub.add_parser("schema", parents=[common], help="write the recipe JSON Schema (for editor completion)")
     schema.add_argument("--output", type=Path, default=None, help="default: recipe.schema.json in the project")
     schema.set_defaults(func=_cmd_schema)
 
-    publish = sub.add_parser("publish", help="upload a validated bundle to the Hub in one commit")
+    publish = sub.add_parser("publish", parents=[common], help="upload a validated bundle to the Hub in one commit")
     publish.add_argument("bundle", type=Path)
     publish.add_argument("--repo", default=None, help="target repo id (default: the bundle recipe's publish.repo)")
     publish.add_argument("--dry-run", action="store_true", help="print what would be uploaded and stop")
@@ -173,7 +251,10 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     from convert.workspace import PROJECT_ROOT
 
     output = args.output or PROJECT_ROOT / "recipe.schema.json"
-    output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    try:
+        output.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    except OSError as e:
+        raise PackageError(f"cannot write {output}: {e.strerror}", hint="give a writable --output path") from e
     print(f"wrote {output}")
     return EXIT_OK
 

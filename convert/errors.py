@@ -7,6 +7,7 @@ an exit code without knowing anything about diffusers, OpenVINO or the Hub clien
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -51,6 +52,12 @@ class ExportError(ConvertError):
     exit_code = 5
 
 
+class ValidationError(ConvertError):
+    """The validation stage could not run (OpenVINO or input errors): nothing was judged."""
+
+    exit_code = 6
+
+
 class ValidationFailed(ConvertError):
     """The validation gate refused the build; it was moved aside and must not be published."""
 
@@ -71,3 +78,51 @@ class PublishError(ConvertError):
     """Publishing to the Hub failed or was refused."""
 
     exit_code = 8
+
+
+class BusyError(ConvertError):
+    """Another live process is building the same recipe into the same artifacts folder.
+
+    75 is sysexits' EX_TEMPFAIL: nothing is wrong with the input, retry once the other build ends.
+    """
+
+    exit_code = 75
+
+
+class UsageError(ConvertError):
+    """The command line itself is wrong (argparse); 64 is sysexits' EX_USAGE."""
+
+    exit_code = 64
+
+
+class InternalError(ConvertError):
+    """An exception no stage expected: a bug of ours or of a library, reported in one line."""
+
+    exit_code = 1
+
+    @classmethod
+    def of(cls, error: BaseException) -> InternalError:
+        return cls(f"internal error: {first_line(error)}", hint="run with -v for the traceback")
+
+
+#: OpenVINO prefixes its messages with the C++ source locations they passed through.
+_SOURCE_LOCATION = re.compile(r"^(Exception from |Check '.*' failed at )\S+:\d+:$")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of a third-party exception, as a stage wrapper shows it.
+
+    OpenVINO's "Exception from src/...:117:" location lines are skipped and a line ending in
+    ":" takes the next one along, so the line says what went wrong ("Unsupported element
+    type: bogus"), not where in C++.
+    """
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    kept = [ln for ln in lines if ln and not _SOURCE_LOCATION.match(ln)]
+    text = ""
+    for line in kept:
+        text = f"{text} {line}".strip()
+        if not line.endswith(":"):
+            break
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

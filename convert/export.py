@@ -12,14 +12,18 @@ default of optimum-intel applies (int8 for >1B-weight models, fp16 on save).
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ConvertError, ExportError
+from convert.disk import is_no_space
+from convert.errors import ConvertError, ExportError, first_line
 from convert.patch import PatchedPipeline
 from convert.recipe import ComponentSettings, Recipe, WEIGHTED_COMPONENTS
 
@@ -86,8 +90,12 @@ def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSett
         model = build_submodel(SUBMODELS[name], patched, settings.weights, folder)
     except ConvertError:  # e.g. unreadable weights (PatchError): already one line with a hint
         raise
+    except OSError as e:
+        if is_no_space(e) or (e.filename and Path(e.filename).is_relative_to(folder)):
+            raise  # a full disk or refused write in the bundle: the build names it with the space needed
+        raise ExportError(f"{name}: conversion failed: {first_line(e)}", hint="run with -v for the traceback") from e
     except Exception as e:  # torch/optimum/OpenVINO raise many kinds; one line for the user
-        raise ExportError(f"{name}: conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        raise ExportError(f"{name}: conversion failed: {first_line(e)}",
                           hint="run with -v for the traceback") from e
     model = compress_weights(model, name, settings)
     options = finish_ir(model, settings, precisions, build_id)
@@ -99,13 +107,37 @@ def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSett
 
 
 def save_atomically(model: Any, xml: Path, compress_to_fp16: bool) -> None:
-    """Write the IR under a temporary name, then rename: never a half-written openvino_model.*."""
+    """Write the IR under a temporary name, then rename: never a half-written openvino_model.*.
+
+    OpenVINO reports a full disk as "iostream error" (and has already removed its partial
+    file): the model's constant bytes against the free space tell a full disk from the rest.
+    """
     import openvino as ov
 
     tmp = xml.with_name(xml.stem + ".tmp.xml")
-    ov.save_model(model, tmp, compress_to_fp16=compress_to_fp16)
+    try:
+        ov.save_model(model, tmp, compress_to_fp16=compress_to_fp16)
+    except RuntimeError as e:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+        raise save_error(e, xml.parent, ir_bytes(model)) from e
     tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
     tmp.replace(xml)
+
+
+def ir_bytes(model: Any) -> int:
+    """Bytes of the model's constants: about the size of its .bin."""
+    return sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
+
+
+def save_error(error: RuntimeError, folder: Path, need: int) -> Exception:
+    """What a failed `ov.save_model` really was: ENOSPC, a refused write, or an export error."""
+    if "iostream" in str(error):
+        if shutil.disk_usage(folder).free < need:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        if not os.access(folder, os.W_OK):
+            return OSError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+    return ExportError(f"{folder.name}: saving the IR failed: {first_line(error)}", hint="run with -v for the traceback")
 
 
 def finish_ir(model: Any, settings: ComponentSettings, precisions: list[str], build_id: str) -> dict[str, str]:

@@ -8,13 +8,16 @@ folder of links to just the selected, sha256-verified files.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from convert.errors import FetchError
 from convert.resolve import ResolvedSource, SourceFile, file_sha256, hub_error
@@ -160,6 +163,7 @@ def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, skip_
     else:
         root, downloaded = _download(resolved, selected, cache_dir)
     _verify(resolved.role, root, selected)
+    check_formats(resolved.role, root, selected, local=resolved.local_path is not None)
     _link_view(root, selected, dest)
     path = dest / subfolder if subfolder else dest
     return FetchedSource(role=resolved.role, path=path, commit=resolved.commit, files=tuple(selected), bytes_downloaded=downloaded)
@@ -179,6 +183,8 @@ def _download(resolved: ResolvedSource, selected: list[SourceFile], cache_dir: P
     missing_before = [f for f in selected if not _blob_path(repo, f, cache_dir).is_file()]
     log.info("%s: %d of %d files to download from %s@%s", resolved.role, len(missing_before), len(selected),
              repo, resolved.commit[:12])
+    if missing_before:
+        _check_cache_space(resolved.role, _cache_root(cache_dir), sum(f.size for f in missing_before))
     try:
         folder = Path(
             snapshot_download(
@@ -189,7 +195,7 @@ def _download(resolved: ResolvedSource, selected: list[SourceFile], cache_dir: P
             )
         )
     except Exception as e:  # every client error becomes one line (hub_error)
-        raise hub_error(resolved.role, repo, resolved.commit, e) from e
+        raise hub_error(resolved.role, repo, resolved.commit, e, _cache_root(cache_dir)) from e
     absent = [f.path for f in selected if not (folder / f.path).is_file()]
     if absent:
         # The client falls back to a partial cached snapshot when the Hub does not answer, and
@@ -208,12 +214,27 @@ def glob_escape(path: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", path)
 
 
+def _cache_root(cache_dir: Path | None) -> Path:
+    from huggingface_hub import constants
+
+    return Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+
+
+def _check_cache_space(role: str, cache: Path, need: int) -> None:
+    """A download that cannot fit fails now, not after gigabytes (the client only warns)."""
+    from convert.disk import check_free_space
+
+    try:
+        check_free_space(cache, need, FetchError)
+    except FetchError as e:
+        raise FetchError(f"{role}: {e.message}", hint="free some space there or set HF_HUB_CACHE to another disk") from None
+
+
 def _blob_path(repo: str, f: SourceFile, cache_dir: Path | None) -> Path:
     """Where the HF cache keeps a file's bytes: blobs/<etag>, the sha256 (LFS) or git blob id (regular)."""
-    from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    root = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+    root = _cache_root(cache_dir)
     etag = f.sha256 or f.git_oid or "-"
     return root / repo_folder_name(repo_id=repo, repo_type="model") / "blobs" / etag
 
@@ -267,3 +288,80 @@ def _link_view(root: Path, selected: list[SourceFile], dest: Path) -> None:
         target = dest / f.path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink((root / f.path).resolve(), target)
+
+
+# ----------------------------------------------------------------------------- file formats
+
+#: safetensors refuses headers above 100 MB; so do we, before reading one.
+MAX_HEADER_BYTES = 100_000_000
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class NotSafetensors(ValueError):
+    """What is wrong with a file that claims to be safetensors (the message is the reason)."""
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size before it is read.
+
+    A corrupt or hostile length (2^40) must not become a 1 TiB read; tensors must lie inside the file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise NotSafetensors(f"{size} bytes, shorter than the 8-byte header length")
+        length = struct.unpack("<Q", head)[0]
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise NotSafetensors(f"header length {length} exceeds the file's {size} bytes" if length > size - 8
+                                 else f"header length {length} exceeds safetensors' limit of {MAX_HEADER_BYTES}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotSafetensors(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise NotSafetensors("the header is not a JSON object")
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(v, int) for v in offsets)
+                or not isinstance(entry.get("dtype"), str) or not isinstance(entry.get("shape"), list)):
+            raise NotSafetensors(f"tensor {name!r} has no valid dtype/shape/data_offsets")
+        start, end = offsets
+        if not 0 <= start <= end <= data_bytes:
+            raise NotSafetensors(f"tensor {name!r} lies outside the file (bytes {start}..{end} of {data_bytes}); truncated?")
+    return header
+
+
+def tensor_params(header: dict[str, Any]) -> int:
+    """Number of values in a checked header (bytes / element size; exact for every stored dtype)."""
+    return sum((e["data_offsets"][1] - e["data_offsets"][0]) // DTYPE_BYTES.get(e["dtype"], 4)
+               for name, e in header.items() if name != "__metadata__")
+
+
+def folder_params(folder: Path) -> int:
+    """Parameters of the safetensors weights fetch linked into a component folder (0 if none)."""
+    return sum(tensor_params(read_safetensors_header(p)) for p in sorted(folder.glob("*.safetensors")))
+
+
+def check_formats(role: str, root: Path, selected: list[SourceFile], *, local: bool) -> None:
+    """Every selected weight is a readable safetensors file and every config is JSON, named at its source.
+
+    Caught here, a broken file names the user's own path (not the staging link the later stages see).
+    """
+    fix = "fix or replace the file in the source folder" if local else "the file is broken at the source; pin another revision"
+    for f in selected:
+        path = root / f.path
+        try:
+            if f.path.endswith(".safetensors"):
+                read_safetensors_header(path)
+            elif f.path.endswith(".json"):
+                json.loads(path.read_bytes())
+        except NotSafetensors as e:
+            raise FetchError(f"{role}: {path} is not a valid safetensors file: {e}", hint=fix) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FetchError(f"{role}: {path} is not valid JSON ({e})", hint=fix) from None

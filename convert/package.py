@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -56,12 +56,17 @@ def verify(folder: Path) -> list[str]:
     try:
         manifest = json.loads(path.read_text())
         listed: dict[str, dict[str, Any]] = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(manifest["build_id"], str) or not isinstance(listed, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys()
+                                                   for e in listed.values()):
+            raise TypeError("'files' must map each path to its size and sha256")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         return [f"{path}: unreadable manifest ({e})"]
     problems = []
     for rel, entry in listed.items():
         file = folder / rel
-        if not file.is_file():
+        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+            problems.append(f"{rel}: outside the bundle")  # a hostile manifest must not make us read (or publish) /etc
+        elif not file.is_file():
             problems.append(f"{rel}: missing")
         elif file.stat().st_size != entry["size"]:
             problems.append(f"{rel}: size {file.stat().st_size} != {entry['size']}")
@@ -145,17 +150,24 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def finalize(staging: Path, dest: Path, build_id: str) -> Bundle:
-    """Write the manifest and move the staging folder to its final name in one rename."""
+def finalize(staging: Path, dest: Path, build_id: str, trash: Path) -> Bundle:
+    """Write the manifest and move the staging folder to its final name in one rename.
+
+    A bundle being replaced (`--force`) is first renamed to `trash`, inside the build's own
+    staging folder: a build killed between the two renames leaves no bundle under `dest`
+    (the next run rebuilds, never reuses half of one), and the old one is removed with the
+    dead build's staging at the next start.
+    """
     manifest = manifest_for(staging, build_id)
     write_json(staging / MANIFEST, manifest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        old = dest.with_name(dest.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, trash)
         os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
     else:
         os.replace(staging, dest)
     return Bundle(path=dest, build_id=build_id, manifest=manifest)

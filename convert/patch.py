@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from convert.errors import PatchError
-from convert.fetch import FetchedSource, parse_weight_name
+from convert.fetch import FetchedSource, NotSafetensors, parse_weight_name, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +205,11 @@ def stored_dtype(folder: Path, variant: str | None) -> str | None:
     for path in sorted(folder.glob("*.safetensors")):
         if (parse_weight_name(path.name) or ("", None))[1] != variant:
             continue
-        with path.open("rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(size))
+        try:
+            header = read_safetensors_header(path)
+        except NotSafetensors as e:
+            raise PatchError(f"{path.resolve()} is not a valid safetensors file: {e}",
+                             hint="fix or replace the file in the source") from None
         for name, entry in header.items():
             if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
                 return _SAFETENSORS_DTYPES[entry["dtype"]]

@@ -11,11 +11,14 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.disk import io_error
 from convert.errors import FetchError
 from convert.recipe import Recipe, Source, recipe_digest
 from convert.workspace import Workspace
@@ -182,8 +185,21 @@ def materialize_generated(source: Source, workspace: Workspace) -> Path:
     if folder.is_dir():
         return folder
     log.info("generating %s (seed %d) into %s", source.generated.generator, source.generated.seed, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    synthetic.generate(source.generated.generator, folder, source.generated.seed)
+    from convert.staging import new_staging
+
+    # Written in a private staging folder and renamed: a build killed while generating leaves no
+    # half-written source for the next one to reuse, and two builds never write into one folder.
+    scratch = new_staging(workspace, f"generate-{folder.name}")
+    try:
+        synthetic.generate(source.generated.generator, scratch / "out", source.generated.seed)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(scratch / "out", folder)
+        except OSError:
+            if not folder.is_dir():  # else another build generated the same source first: use that one
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 
@@ -237,7 +253,7 @@ def _remote_files(siblings: Iterable[Any]) -> Iterable[SourceFile]:
         yield SourceFile(path=s.rfilename, size=int(size or 0), sha256=sha, git_oid=git_oid)
 
 
-def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchError:
+def hub_error(role: str, repo: str, revision: str, error: Exception, cache: Path | None = None) -> FetchError:
     """Map huggingface_hub's exceptions to one line that says what to do.
 
     The client wraps a failed metadata request of a download into LocalEntryNotFoundError
@@ -268,6 +284,11 @@ def hub_error(role: str, repo: str, revision: str, error: Exception) -> FetchErr
         return FetchError(f"{name}: the Hub answered HTTP {status}", hint="retry later; files already downloaded are reused")
     if isinstance(error, hf_errors.LocalEntryNotFoundError):
         return FetchError(f"{name}: not downloaded and not in the cache", hint="check the network or HF_ENDPOINT and retry")
+    if isinstance(error, OSError):  # the cache, not the Hub: a full disk or a folder we may not write
+        mapped = io_error(error, Path(cache or constants.HF_HUB_CACHE), None, FetchError)
+        if mapped is not None:
+            return FetchError(f"{name}: {mapped.message}",
+                              hint="free space or fix the Hugging Face cache's permissions, or set HF_HUB_CACHE to another folder")
     if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
         return FetchError(
             f"{name}: the Hub is unreachable at {constants.ENDPOINT} ({type(error).__name__})",

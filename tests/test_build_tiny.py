@@ -30,7 +30,7 @@ def test_bundle_layout_and_manifest(tiny_build) -> None:
     assert {"model_index.json", "README.md", "build.json", "recipe.yaml", "validation/report.json"} <= listed
     unet_bin = manifest["files"]["unet/openvino_model.bin"]
     assert unet_bin["sha256"] == file_sha256(bundle / "unet" / "openvino_model.bin")
-    assert not (bundle.parent.parent / ".staging" / tiny_build.build_id).exists()
+    assert not list((bundle.parent.parent / ".staging").glob(f"{tiny_build.build_id}.*")), "staging left behind"
 
 
 def test_tampered_bundle_fails_verification(tiny_build, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Resolve and fetch against the local Hub through the real huggingface_hub client.
 
-Why these repos are fakes: fetch never parses weights, so pipeline-shaped repos of small
-random files (unique bytes per repo: the server stores blobs by content, and corrupting
-one must not touch another test's) exercise pinning, the allow-list, hashing, caching and
-errors in seconds. The real tiny pipeline goes through the Hub in test_publish.py.
+Why these repos are fakes: fetch reads no tensor, only each safetensors header and each
+JSON file (a broken one fails there), so pipeline-shaped repos of small random tensors
+behind valid headers (unique bytes per repo: the server stores blobs by content, and
+corrupting one must not touch another test's) exercise pinning, the allow-list, hashing,
+caching and errors in seconds. The real tiny pipeline goes through the Hub in test_publish.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import random
 import re
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,12 @@ EXPECTED_FP16 = sorted([
 ])  # fmt: skip
 
 
+def fake_safetensors(rng: random.Random, size: int) -> bytes:
+    """`size` random bytes behind a valid safetensors header (one uint8 tensor)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    return struct.pack("<Q", len(header)) + header + rng.randbytes(size)
+
+
 def pipeline_files(seed: str) -> dict[str, bytes]:
     """A diffusers SDXL repo layout with the distractors real repos carry (pickles, ONNX, Flax, TF, refiner, other VAEs)."""
     rng = random.Random(seed)
@@ -55,21 +63,22 @@ def pipeline_files(seed: str) -> dict[str, bytes]:
         "model_index.json": json.dumps({"_class_name": "StableDiffusionXLPipeline", "seed": seed}).encode(),
         "README.md": b"# upstream\n",
         "scheduler/scheduler_config.json": b'{"_class_name": "EulerDiscreteScheduler"}\n',
-        "sd_xl_base_1.0.safetensors": rng.randbytes(WEIGHT_SIZE),
-        "sd_xl_refiner_1.0.safetensors": rng.randbytes(WEIGHT_SIZE),
-        "refiner/unet/diffusion_pytorch_model.fp16.safetensors": rng.randbytes(WEIGHT_SIZE),
+        "sd_xl_base_1.0.safetensors": fake_safetensors(rng, WEIGHT_SIZE),
+        "sd_xl_refiner_1.0.safetensors": fake_safetensors(rng, WEIGHT_SIZE),
+        "refiner/unet/diffusion_pytorch_model.fp16.safetensors": fake_safetensors(rng, WEIGHT_SIZE),
         "vae_1_0/config.json": b"{}\n",
-        "vae_1_0/diffusion_pytorch_model.fp16.safetensors": rng.randbytes(WEIGHT_SIZE),
+        "vae_1_0/diffusion_pytorch_model.fp16.safetensors": fake_safetensors(rng, WEIGHT_SIZE),
     }
     for folder in ("text_encoder", "text_encoder_2", "unet", "vae"):
         stem = "model" if folder.startswith("text") else "diffusion_pytorch_model"
         files[f"{folder}/config.json"] = json.dumps({"folder": folder, "seed": seed}).encode()
         for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bf16.safetensors", f"{stem}.bin",
                      "flax_model.msgpack", "model.onnx", "tf_model.h5"):
-            files[f"{folder}/{name}"] = rng.randbytes(WEIGHT_SIZE)
+            safe = name.endswith(".safetensors")
+            files[f"{folder}/{name}"] = fake_safetensors(rng, WEIGHT_SIZE) if safe else rng.randbytes(WEIGHT_SIZE)
     for folder in ("tokenizer", "tokenizer_2"):
         for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):  # unique bytes: the cache dedups by content
-            files[f"{folder}/{name}"] = f"{folder}/{name} of {seed}\n".encode()
+            files[f"{folder}/{name}"] = json.dumps({"file": f"{folder}/{name}", "seed": seed}).encode()
     return files
 
 
@@ -78,9 +87,9 @@ def vae_files(seed: str, size: int = WEIGHT_SIZE) -> dict[str, bytes]:
     rng = random.Random(seed)
     return {
         "config.json": json.dumps({"_class_name": "AutoencoderKL", "seed": seed}).encode(),
-        "diffusion_pytorch_model.safetensors": rng.randbytes(size),
+        "diffusion_pytorch_model.safetensors": fake_safetensors(rng, size),
         "diffusion_pytorch_model.bin": rng.randbytes(1024),
-        "sdxl_vae.safetensors": rng.randbytes(1024),
+        "sdxl_vae.safetensors": fake_safetensors(rng, 1024),
     }
 
 
@@ -361,3 +370,46 @@ def test_gated_repo_says_accept_the_licence_and_set_hf_token(hub_server: HubServ
         f"{hub_server.url}/{new_repo_id} and set HF_TOKEN to a token of that account"
     )
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- broken files and caches
+
+
+def test_broken_safetensors_at_the_source_is_named_at_fetch(hf_api: HfApi, new_repo_id: str, tmp_path: Path) -> None:
+    """The hash matches (the repo holds exactly these bytes), but the file is no safetensors file."""
+    files = vae_files(new_repo_id) | {"diffusion_pytorch_model.safetensors": struct.pack("<Q", 2**40) + b"{}"}
+    seed_repo(hf_api, new_repo_id, files, tmp_path)
+    with pytest.raises(FetchError) as info:
+        resolve_and_fetch("substitutions.vae", hub_source(new_repo_id), tmp_path)
+    message = str(info.value)
+    assert "substitutions.vae: " in message and "diffusion_pytorch_model.safetensors is not a valid safetensors file: " \
+        "header length 1099511627776 exceeds the file's 10 bytes" in message
+    assert info.value.exit_code == 3 and "the file is broken at the source; pin another revision" in message
+
+
+def test_unwritable_hf_cache_says_cannot_write(hf_api: HfApi, new_repo_id: str, tmp_path: Path) -> None:
+    """A file where the HF cache should be (root ignores chmod, so a file stands in for a read-only folder)."""
+    seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a folder")
+    with pytest.raises(FetchError) as info:
+        fetch(resolved, tmp_path / "view", cache_dir=cache)
+    message = str(info.value)
+    assert f"substitutions.vae: {new_repo_id}@" in message and f"cannot write {cache}" in message, message
+    assert "HF_HUB_CACHE" in message and not (tmp_path / "view").exists()
+
+
+def test_download_that_cannot_fit_the_cache_is_refused_before_it_starts(
+    hub_server: HubServer, hf_api: HfApi, new_repo_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
+    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", str(2**40))  # a reserve larger than any disk
+    start = len(hub_server.requests_log())
+    with pytest.raises(FetchError) as info:
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+    assert str(info.value).startswith(f"substitutions.vae: no space left on {tmp_path / 'cache'}, need about 0.1 GiB; ")
+    assert "set HF_HUB_CACHE to another disk" in str(info.value)
+    assert not [p for m, p, _ in resolve_requests(hub_server, new_repo_id, start) if m == "GET"]
+    assert not (tmp_path / "view").exists()

@@ -8,13 +8,16 @@ really ran f32 would pass the very VAE this project exists to catch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from convert.disk import is_no_space
+from convert.errors import ConvertError, ValidationError, first_line
 from convert.recipe import Recipe
 from validate.inputs import InputSet, denoised_set, image_set
 from validate.report import CheckResult, ValidationReport, save_png
@@ -87,13 +90,14 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
     small = min(full, settings.small_resolution)
     sets: list[InputSet] = []
     n_full = min(settings.full_resolution_images, len(settings.images))
-    if n_full:
-        sets.append(image_set(original_vae, settings.images[:n_full], full))
-    if settings.images[n_full:]:
-        sets.append(image_set(original_vae, settings.images[n_full:], small))
-    if settings.denoise_steps and "vae_decoder" in settings.components:
-        notify(f"validate: {settings.denoise_steps}-step denoising run of the exported pipeline at {small}x{small}")
-        sets.append(denoised_set(bundle_dir, settings.prompt, settings.denoise_steps, small))
+    with stage_errors("inputs", bundle_dir):
+        if n_full:
+            sets.append(image_set(original_vae, settings.images[:n_full], full))
+        if settings.images[n_full:]:
+            sets.append(image_set(original_vae, settings.images[n_full:], small))
+        if settings.denoise_steps and "vae_decoder" in settings.components:
+            notify(f"validate: {settings.denoise_steps}-step denoising run of the exported pipeline at {small}x{small}")
+            sets.append(denoised_set(bundle_dir, settings.prompt, settings.denoise_steps, small))
 
     report = ValidationReport(
         checks=[],
@@ -109,16 +113,34 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
         xml = bundle_dir / part / "openvino_model.xml"
         if not xml.is_file():
             continue
-        refs = {s.name: reference.run(part, _input_of(part, s)) for s in sets if _input_of(part, s) is not None}
-        if part == "vae_decoder" and sets and sets[0].images is not None:
-            save_png(refs[sets[0].name], image_dir / "reference_f32.png")
-            report.samples["reference_f32.png"] = f"original VAE, f32 (torch), {sets[0].name}"
-        for label, torch_vae in targets:
-            model = core.read_model(xml) if torch_vae is None else _convert_original(torch_vae, part)
-            for precision in recipe.precisions_for(part):
-                notify(f"validate: {part} {precision} ({label} VAE)")
-                report.checks += _check_all(core, model, part, label, precision, recipe, sets, refs, image_dir, report)
+        with stage_errors(part, bundle_dir):
+            refs = {s.name: reference.run(part, _input_of(part, s)) for s in sets if _input_of(part, s) is not None}
+            if part == "vae_decoder" and sets and sets[0].images is not None:
+                save_png(refs[sets[0].name], image_dir / "reference_f32.png")
+                report.samples["reference_f32.png"] = f"original VAE, f32 (torch), {sets[0].name}"
+            for label, torch_vae in targets:
+                model = core.read_model(xml) if torch_vae is None else _convert_original(torch_vae, part)
+                for precision in recipe.precisions_for(part):
+                    notify(f"validate: {part} {precision} ({label} VAE)")
+                    report.checks += _check_all(core, model, part, label, precision, recipe, sets, refs, image_dir, report)
     return report
+
+
+@contextmanager
+def stage_errors(what: str, bundle_dir: Path) -> Iterator[None]:
+    """OpenVINO, torch and input errors of the stage become one ValidationError naming the component.
+
+    A full disk or a refused write in the bundle passes through: the build names those itself.
+    """
+    try:
+        yield
+    except ConvertError:
+        raise
+    except Exception as e:
+        if is_no_space(e) or (isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(bundle_dir)):
+            raise
+        raise ValidationError(f"{what}: validation could not run: {first_line(e)}",
+                              hint="run with -v for the traceback; the converters' output is in the build log") from e
 
 
 def _input_of(part: str, s: InputSet) -> np.ndarray | None:
