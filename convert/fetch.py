@@ -359,8 +359,8 @@ def check_formats(role: str, root: Path, selected: list[SourceFile], *, local: b
         try:
             if f.path.endswith(".safetensors"):
                 read_safetensors_header(path)
-            elif f.path.endswith(".json"):
-                json.loads(path.read_bytes())
+            elif f.path.endswith(".json") and not isinstance(json.loads(path.read_bytes()), dict):
+                raise FetchError(f"{role}: {path} is not a JSON object", hint=fix)
         except NotSafetensors as e:
             raise FetchError(f"{role}: {path} is not a valid safetensors file: {e}", hint=fix) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

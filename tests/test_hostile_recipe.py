@@ -369,9 +369,9 @@ def test_broken_config_of_a_local_source_names_the_real_file(tmp_path: Path, tin
     path = tmp_path / "broken-config.yaml"
     path.write_text(f"schema_version: 1\nname: broken-config\n{GENERATED}"
                     "substitutions:\n  vae: {source: {local: {path: vae}}}\n")
-    assert run(artifacts_root, "convert", str(path)) == 4
+    assert run(artifacts_root, "convert", str(path)) == 3  # fetch checks every config before anything loads
     line = error_line(capsys.readouterr().err)
-    assert "vae: config.json is not" in line and f"{vae.resolve() / 'config.json'}" in line
-    assert "fix the file in the local source" in line and "re-download" not in line and ".staging" not in line
+    assert f"substitutions.vae: {vae.resolve() / 'config.json'} is not" in line
+    assert "fix or replace the file in the source folder" in line and "re-download" not in line and ".staging" not in line
     assert not (artifacts_root / "broken-config").exists()
     assert not (artifacts_root / ".staging").exists() or not any((artifacts_root / ".staging").iterdir())
