@@ -531,12 +531,3 @@ def test_termination_signals_end_cleanly_with_a_json_document(signum: int, code:
     assert out == {"status": "error", "error": "Terminated", "exit_code": code,
                    "message": "terminated; nothing was published and no bundle was half-written"}
     assert signal.getsignal(signum) == before
-
-
-def test_local_source_that_is_a_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    path = write_recipe(tmp_path, "single-file", "base: {local: {path: model.safetensors}}\n")
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 3
-    assert (f"base: local source folder {tmp_path / 'model.safetensors'} is a file; a local source is a folder in "
-            "diffusers layout") in one_error_line(capsys)
-    assert_nothing_written(tmp_path / "art", "single-file")
