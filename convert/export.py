@@ -2,7 +2,7 @@
 
 One submodel at a time (convert.export_worker): load only its weights, trace it with a
 small example input, compress its weights in memory once the torch copy is gone, save,
-free. A full SDXL build thus never holds more than the UNet (in fp16 where that cannot
+free. A full SDXL build (for example) thus never holds more than the UNet (in fp16 where that cannot
 change the result), instead of the whole pipeline plus optimum-intel's full-size trace.
 Each IR gets its own weight format (fp16 compression or NNCF int8/int4) and the
 recipe's runtime options. The bundle layout (folders, config.json files, model_index,
@@ -25,7 +25,7 @@ from typing import Any
 from convert.disk import is_no_space
 from convert.errors import ConvertError, ExportError, first_line
 from convert.patch import PatchedPipeline
-from convert.recipe import ComponentSettings, Recipe, WEIGHTED_COMPONENTS
+from convert.recipe import ComponentSettings, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,15 @@ def export_pipeline(
     """Export all submodels into `out_dir` (a staging folder the caller owns)."""
     notify = progress or (lambda _msg: None)
     started = time.monotonic()
-    write_pipeline_files(patched.pipeline, out_dir)
+    family = recipe.family
+    write_pipeline_files(patched.pipeline, out_dir, family.tokenizers)
     exported: list[ExportedComponent] = []
-    for name in WEIGHTED_COMPONENTS:
+    for name in family.weighted:
         settings = recipe.settings_for(name)
         if not settings.export:
+            continue
+        if family.submodel(name).component not in patched.weights:
+            notify(f"export: {name} -> not in the source (optional in {family.name}), left out")
             continue
         notify(f"export: {name} -> {settings.weights}")
         t0 = time.monotonic()
@@ -69,11 +73,11 @@ def export_pipeline(
     return exported
 
 
-def write_pipeline_files(pipeline: Any, out_dir: Path) -> None:
+def write_pipeline_files(pipeline: Any, out_dir: Path, tokenizers: tuple[str, ...]) -> None:
     """model_index.json, scheduler and tokenizer files, as optimum-intel's export writes them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.scheduler.save_pretrained(out_dir / "scheduler")
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in tokenizers:
         tokenizer = getattr(pipeline, name, None)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / name)
@@ -83,11 +87,11 @@ def write_pipeline_files(pipeline: Any, out_dir: Path) -> None:
 def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSettings, precisions: list[str],
                     build_id: str, folder: Path) -> tuple[Path, dict[str, str]]:
     """Trace, compress and save one submodel; returns its IR path and runtime options."""
-    from convert.export_worker import SUBMODELS, build_submodel, release_memory
+    from convert.export_worker import build_submodel, release_memory
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        model = build_submodel(SUBMODELS[name], patched, settings.weights, folder)
+        model = build_submodel(patched.family.submodel(name), patched, settings.weights, folder)
     except ConvertError:  # e.g. unreadable weights (PatchError): already one line with a hint
         raise
     except OSError as e:
@@ -263,8 +267,8 @@ def _export_tokenizers(pipeline: Any, recipe: Recipe, out_dir: Path, notify: Pro
     from optimum.exporters.openvino.convert import export_tokenizer
 
     done = []
-    for name in ("tokenizer", "tokenizer_2"):
-        if not recipe.settings_for(name).export:
+    for name in recipe.family.tokenizers:
+        if not recipe.settings_for(name).export or getattr(pipeline, name, None) is None:
             continue
         notify(f"export: {name} -> openvino-tokenizers")
         folder = out_dir / name
@@ -295,7 +299,7 @@ class Parity:
 
 
 def example_inputs(model: Any, latent_side: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Deterministic inputs for an SDXL submodel IR, from its input names and shapes.
+    """Deterministic inputs for a submodel IR (tested on SDXL's), from its input names and shapes.
 
     Dynamic batch is 1, sequence 77, latents `latent_side` (images 8x that); token ids stay
     below 256 so they fit every vocabulary; the UNet gets a mid-schedule timestep.

@@ -104,7 +104,7 @@ def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str,
         meta["base_model"] = base_model
         meta["base_model_relation"] = "quantized"
     meta["license"] = recipe.base.license or "other"
-    meta["tags"] = sorted({"openvino", "stable-diffusion-xl", "text-to-image", *(recipe.publish.tags if recipe.publish else [])})
+    meta["tags"] = sorted({"openvino", *recipe.family.tags, "text-to-image", *(recipe.publish.tags if recipe.publish else [])})
     meta["upstream"] = {s.role: s.commit for s in resolution.sources}
     meta["upstream_sources"] = {s.role: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
@@ -136,9 +136,7 @@ def model_card(resolution: Resolution, components: list[dict[str, Any]], headlin
         "## Use",
         "",
         "```python",
-        "from optimum.intel import OVStableDiffusionXLPipeline",
-        'pipe = OVStableDiffusionXLPipeline.from_pretrained("<this folder or repo>")',
-        'image = pipe("a photo of an astronaut riding a horse").images[0]',
+        *recipe.family.usage(),
         "```",
         "",
     ]

@@ -58,7 +58,7 @@ def bundles(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     base = tiny_sources["tiny-sdxl-base"]
     recipe = _recipe(base)
     ours = tmp_path_factory.mktemp("ours")
-    patched = patch(FetchedSource("base", base, "local", ()), {}, {"base": False})
+    patched = patch(FetchedSource("base", base, "local", ()), {}, {"base": False}, recipe.family)
     export_pipeline(patched, recipe, ours, "parity")
     return ours, _reference(base, tmp_path_factory.mktemp("optimum"), recipe)
 

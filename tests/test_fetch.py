@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from convert.errors import FetchError
-from convert.fetch import PIPELINE_FOLDERS, parse_weight_name, select_files
+from convert.families.sdxl import SDXL
+from convert.fetch import parse_weight_name, select_files
 from convert.resolve import SourceFile
 
 SDXL_REPO = [
@@ -32,7 +33,8 @@ def files(paths: list[str]) -> list[SourceFile]:
 
 
 def select(paths: list[str], **kw: object) -> list[str]:
-    args = {"role": "base", "folders": list(PIPELINE_FOLDERS), "subfolder": None, "variant": None, "allow_pickle": False}
+    args = {"role": "base", "folders": list(SDXL.folders), "subfolder": None, "variant": None, "allow_pickle": False,
+            "family": SDXL}
     args.update(kw)
     return [f.path for f in select_files(files(paths), **args)]  # type: ignore[arg-type]
 

@@ -1,6 +1,7 @@
 """Realistic validation inputs: random latents can miss the overflow, real ones don't.
 
-Two sources, both in the decoder's input space (pipeline latents / scaling_factor):
+Two sources, both in the decoder's input space (pipeline latents / scaling_factor, plus
+shift_factor where the family's VAE has one):
 latents from encoding real photographs with the reference (original) VAE, and
 latents produced by a short denoising run of the exported pipeline itself.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from convert.families import PipelineFamily
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +70,11 @@ def image_set(vae: Any, names: list[str], size: int) -> InputSet:
     )
 
 
-def denoised_set(bundle_dir: Path, prompt: str, steps: int, size: int, seed: int = 0) -> InputSet:
-    """Run the exported pipeline itself for a few steps and take its latents."""
-    from optimum.intel import OVStableDiffusionXLPipeline
+def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: int, size: int, seed: int = 0) -> InputSet:
+    """Run the exported pipeline itself (the family's optimum-intel class) for a few steps and take its latents."""
+    import optimum.intel
 
-    pipe = OVStableDiffusionXLPipeline.from_pretrained(bundle_dir, device="CPU", compile=True)
+    pipe = getattr(optimum.intel, family.optimum_class).from_pretrained(bundle_dir, device="CPU", compile=True)
     result = pipe(
         prompt,
         num_inference_steps=steps,
@@ -80,10 +84,10 @@ def denoised_set(bundle_dir: Path, prompt: str, steps: int, size: int, seed: int
         generator=np.random.RandomState(seed),
     )
     latents = np.asarray(result.images, dtype=np.float32)
-    scaling = float(pipe.vae_decoder.config.get("scaling_factor", 0.13025))
+    decoder_input, how = family.decoder_latents(latents, pipe.vae_decoder.config)
     del pipe
     return InputSet(
         name=f"denoise@{size}",
-        description=f"{steps}-step run of the exported pipeline at {size}x{size} ('{prompt}'), latents / {scaling}",
-        latents=latents / scaling,
+        description=f"{steps}-step run of the exported pipeline at {size}x{size} ('{prompt}'), {how}",
+        latents=decoder_input,
     )
