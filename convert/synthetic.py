@@ -537,8 +537,15 @@ GENERATORS: Mapping[str, Callable[[Path, int], Path]] = MappingProxyType(
         "sdxl-base-shapes": _sdxl_base_shapes,
         "sdxl-vae-shapes": _sdxl_vae_shapes,
         "sdxl-vae-shapes-fp16-fix": _sdxl_vae_shapes_fp16_fix,
+        "tiny-sd35-medium": lambda out_dir, seed: _sd3().tiny_sd35_medium(out_dir, seed),
     }
 )
+
+
+def _sd3() -> Any:
+    from convert import synthetic_sd3  # imports this module: loaded on use
+
+    return synthetic_sd3
 
 
 def generate(name: str, out_dir: Path, seed: int = 0) -> Path:

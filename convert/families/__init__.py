@@ -7,9 +7,10 @@ generator for tests, a recipe and tests; no stage changes (README "Model familie
 from __future__ import annotations
 
 from convert.families.base import LatentSpace, PipelineFamily, SubmodelSpec
+from convert.families.sd3 import SD3
 from convert.families.sdxl import SDXL
 
-FAMILIES: dict[str, PipelineFamily] = {family.name: family for family in (SDXL,)}
+FAMILIES: dict[str, PipelineFamily] = {family.name: family for family in (SDXL, SD3)}
 
 
 def get_family(name: str) -> PipelineFamily:
