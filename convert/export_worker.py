@@ -128,9 +128,9 @@ def trace(module: Any, config: Any, sixteen_bit: bool) -> Any:
     import torch
     from openvino import convert_model
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
-    from optimum.exporters.openvino.convert import _add_runtime_options_to_rt_info, _add_version_info_to_model
-    from optimum.exporters.openvino.utils import _get_input_info, clear_class_registry, remove_none_from_dummy_inputs
     from optimum.utils import DEFAULT_DUMMY_SHAPES
+
+    from convert import optimum_compat as compat
 
     config.stateful = False
     shapes = {k: v for k, v in DEFAULT_DUMMY_SHAPES.items() if k not in ("height", "width")}
@@ -140,20 +140,18 @@ def trace(module: Any, config: Any, sixteen_bit: bool) -> Any:
             module.config.return_dict = True
         module.eval()
         dummy = small_example(config.generate_dummy_inputs(framework="pt", **shapes))
-        dummy, dict_inputs = remove_none_from_dummy_inputs(config.rename_ambiguous_inputs(dummy))
+        dummy, dict_inputs = compat.remove_none_from_dummy_inputs(config.rename_ambiguous_inputs(dummy))
         patcher = config.patch_model_for_export(module, model_kwargs=None)
         patcher.patched_forward = _tuple_forward(patcher, list(dummy), dict_inputs)
         with patcher:
-            input_info = _get_input_info(module, config, dummy)
+            input_info = compat.input_info(module, config, dummy)
             ov_model = _convert(module, dummy, input_info, patcher, sixteen_bit, TorchScriptPythonDecoder, convert_model)
     ov_model.validate_nodes_and_infer_types()
     for tensor, name in zip(ov_model.outputs, config.outputs, strict=False):
         tensor.get_tensor().set_names({name})
     for tensor, info in zip(ov_model.inputs, input_info, strict=True):
         tensor.get_tensor().set_names({info.name})
-    _add_version_info_to_model(ov_model, "diffusers")
-    _add_runtime_options_to_rt_info(ov_model, getattr(config, "runtime_options", {}))
-    clear_class_registry()
+    compat.finish_traced(ov_model, getattr(config, "runtime_options", {}))
     return ov_model
 
 
@@ -175,20 +173,20 @@ def _tuple_forward(patcher: Any, keys: list[str], dict_inputs: list[tuple[str, l
 
 def _convert(module: Any, dummy: dict[str, Any], input_info: list[Any], patcher: Any, sixteen_bit: bool,
              decoder_cls: Any, convert_model: Any) -> Any:
-    from openvino.frontend.pytorch.patch_model import __make_16bit_traceable, unpatch_model
+    from convert.optimum_compat import make_16bit_traceable, unpatch_16bit
 
     kwargs: dict[str, Any] = {"trace_kwargs": {"check_trace": False}}  # optimum skips the check for diffusers
     if getattr(patcher, "module_extensions", None) is not None:
         kwargs["module_extensions"] = patcher.module_extensions
     if sixteen_bit:
-        __make_16bit_traceable(module)
+        make_16bit_traceable(module)
     try:
         decoder = decoder_cls(module, example_input=dummy, **kwargs)
         return convert_model(decoder, example_input=dummy, input=[(i.shape, i.type) for i in input_info],
                              extension=getattr(patcher, "conversion_extensions", None))
     finally:
         if sixteen_bit:
-            unpatch_model(module, "_openvino_module_extension_patch_orig_forward")
+            unpatch_16bit(module)
 
 
 _CONFIG_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}

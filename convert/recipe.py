@@ -89,7 +89,7 @@ class LocalSource(_Strict):
 
 class GeneratedSource(_Strict):
     generator: Annotated[str, AfterValidator(generator_name)] = Field(
-        description="Name of a built-in generator in convert.synthetic (seeded random weights, no network)."
+        description="Name of a built-in generator in convert.testing (seeded random weights, no network)."
     )
     seed: int = Field(default=0, ge=0, lt=2**63, description="Seed for the generator; same seed, same bytes.")
     variant: Variant | None = Field(default=None, description="Weights variant the generator writes, e.g. 'fp16'.")

@@ -39,8 +39,6 @@ TOOL_PACKAGES: tuple[str, ...] = (
     "huggingface_hub",
     "safetensors",
 )
-#: Bump when convert/synthetic.py changes what a generator writes.
-GENERATOR_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -173,14 +171,20 @@ def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> N
 def generated_dir(source: Source, workspace: Workspace) -> Path:
     assert source.generated is not None
     gen = source.generated
-    return workspace.generated_sources / f"{gen.generator}-seed{gen.seed}-v{GENERATOR_VERSION}"
+    from convert.testing import GENERATORS, generator_version  # light: hashes the generator's source
+
+    version = generator_version(gen.generator) if gen.generator in GENERATORS else "unknown"
+    return workspace.generated_sources / f"{gen.generator}-seed{gen.seed}-{version}"
 
 
 def materialize_generated(source: Source, workspace: Workspace) -> Path:
     """Build a generated source once; later builds reuse the folder (its name keys generator, seed, version)."""
-    from convert import synthetic  # torch/diffusers: only when a generated source is really used
+    from convert import testing
 
     assert source.generated is not None
+    if source.generated.generator not in testing.GENERATORS:
+        known = ", ".join(sorted(testing.GENERATORS))
+        raise RecipeError(f"unknown generator '{source.generated.generator}'", hint=f"use one of: {known}")
     folder = generated_dir(source, workspace)
     if folder.is_dir():
         return folder
@@ -191,7 +195,7 @@ def materialize_generated(source: Source, workspace: Workspace) -> Path:
     # half-written source for the next one to reuse, and two builds never write into one folder.
     scratch = new_staging(workspace, f"generate-{folder.name}")
     try:
-        synthetic.generate(source.generated.generator, scratch / "out", source.generated.seed)
+        testing.generate(source.generated.generator, scratch / "out", source.generated.seed)
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(scratch / "out", folder)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.export import OV_XML, Parity, export_pipeline, rewrite_ir, submodel_parity
+from convert.export import OV_XML, export_pipeline, rewrite_ir
+from convert.testing.parity import Parity, submodel_parity
 from convert.fetch import FetchedSource
 from convert.patch import patch
 from convert.recipe import Recipe

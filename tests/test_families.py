@@ -92,3 +92,18 @@ def test_registry_refuses_a_taken_name() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register(SDXL)
     assert get_family("stable-diffusion-xl") is SDXL and set(FAMILIES) >= {"stable-diffusion-xl"}
+
+
+def test_exporter_refuses_an_unverified_optimum_intel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from convert import optimum_compat
+    from convert.errors import ExportError
+
+    installed = importlib.metadata.version("optimum-intel")
+    assert optimum_compat.check_version() == installed
+    monkeypatch.setattr(optimum_compat, "VERIFIED_OPTIMUM_INTEL", ("9.9.",))
+    with pytest.raises(ExportError) as info:
+        optimum_compat.check_version()
+    assert str(info.value).startswith(f"optimum-intel {installed} is not one the exporter was verified with (9.9.x); "
+                                      "install the pinned version")

@@ -59,7 +59,7 @@ class HubBuild:
 
 def _seed_upstream(api: HfApi, root: Path, suffix: str) -> tuple[str, str, dict[str, str]]:
     """The generated tiny pipeline as an upstream repo (with an fp16 variant and distractors) and the fixed VAE."""
-    from convert.synthetic import generate
+    from convert.testing import generate
 
     base, vae = generate("tiny-sdxl-base", root / "base", 0), generate("tiny-sdxl-vae-fp16-fix", root / "vae", 0)
     for weights in list(base.rglob("*.safetensors")):  # the variant a recipe asks for (fp32 bytes: fine to load)

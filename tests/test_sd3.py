@@ -12,12 +12,13 @@ import pytest
 
 from convert.build import BuildResult, build
 from convert.errors import RecipeError
-from convert.export import OV_XML, export_pipeline, submodel_parity
+from convert.export import OV_XML, export_pipeline
 from convert.families.sd3 import SD3
 from convert.fetch import FetchedSource
 from convert.package import MANIFEST, verify
 from convert.patch import patch
 from convert.recipe import Recipe, load_recipe
+from convert.testing.parity import submodel_parity
 from convert.workspace import PROJECT_ROOT, Workspace
 
 TINY = PROJECT_ROOT / "recipes" / "tiny-sd35-medium.yaml"
@@ -89,7 +90,7 @@ def test_sdxl_component_names_are_refused_in_an_sd3_recipe(tmp_path: Path) -> No
 
 
 def test_tiny_t5_tokenizer_is_offline_and_covers_the_prompts() -> None:
-    from convert.synthetic_sd3 import build_t5_tokenizer
+    from convert.testing.sd3 import build_t5_tokenizer
 
     tokenizer = build_t5_tokenizer()
     ids = tokenizer("a photo of an astronaut riding a horse").input_ids

@@ -29,22 +29,22 @@ VAE_SCALE_FACTOR = "128.0"
 
 def _prepare_text_encoder(model: Any, pipeline: Any) -> Any:
     """SDXL reads hidden states of every layer: export them, as optimum does."""
-    from optimum.exporters.utils import _get_diffusers_submodel_type
+    from convert.optimum_compat import diffusers_submodel_type
 
     model = prepare_clip_hidden_states(model, pipeline)
-    model.config.export_model_type = _get_diffusers_submodel_type(model)
+    model.config.export_model_type = diffusers_submodel_type(model)
     return model
 
 
 def _prepare_unet(model: Any, pipeline: Any) -> Any:
     """The config fields optimum adds before exporting an SDXL UNet (they shape its inputs)."""
-    from optimum.exporters.utils import _get_diffusers_submodel_type
+    from convert.optimum_compat import diffusers_submodel_type
 
     model.config.model_max_length = getattr(pipeline.tokenizer_2, "model_max_length", None)
     model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
     model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
     model.config.text_encoder_projection_dim = pipeline.text_encoder_2.config.projection_dim
-    model.config.export_model_type = _get_diffusers_submodel_type(model)
+    model.config.export_model_type = diffusers_submodel_type(model)
     return model
 
 

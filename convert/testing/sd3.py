@@ -4,7 +4,7 @@ SD3.5 Medium's architecture in miniature: an MMDiT-X transformer (dual attention
 first layer, RMS q/k norm), CLIP-L and OpenCLIP-G text towers with projection, a T5
 v1.1-style encoder (gated GELU) behind a tiny Unigram tokenizer built without any
 download, and a 16-channel VAE with a `shift_factor`. Weights are seeded per parameter as
-in :mod:`convert.synthetic`, so the files are bitwise reproducible. The VAE is a plain
+in :mod:`convert.testing.sdxl`, so the files are bitwise reproducible. The VAE is a plain
 seeded one: SD3's VAE is reported FP16-safe, and the gate must show that per build.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from convert.synthetic import _MAX_LENGTH, _seeded, build_tokenizers, write_pipeline
+from convert.testing.sdxl import _MAX_LENGTH, _seeded, build_tokenizers, write_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
