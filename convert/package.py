@@ -99,12 +99,12 @@ def build_info(resolution: Resolution, components: list[dict[str, Any]], checks:
 def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str, Any]:
     recipe = resolution.recipe
     base_model = recipe.base_model or (recipe.base.hub.repo if recipe.base.hub else None)
-    meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": "text-to-image"}
+    meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": recipe.family.task}
     if base_model:
         meta["base_model"] = base_model
         meta["base_model_relation"] = "quantized"
     meta["license"] = recipe.base.license or "other"
-    meta["tags"] = sorted({"openvino", *recipe.family.tags, "text-to-image", *(recipe.publish.tags if recipe.publish else [])})
+    meta["tags"] = sorted({"openvino", *recipe.family.tags, recipe.family.task, *(recipe.publish.tags if recipe.publish else [])})
     meta["upstream"] = {s.role: s.commit for s in resolution.sources}
     meta["upstream_sources"] = {s.role: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}

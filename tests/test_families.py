@@ -107,3 +107,11 @@ def test_exporter_refuses_an_unverified_optimum_intel(monkeypatch: pytest.Monkey
         optimum_compat.check_version()
     assert str(info.value).startswith(f"optimum-intel {installed} is not one the exporter was verified with (9.9.x); "
                                       "install the pinned version")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_names_components_of_its_family(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.family.name == recipe.pipeline
+    assert set(recipe.components) <= set(recipe.family.components)
+    assert set(recipe.substitutions) <= set(recipe.family.substitutable)

@@ -70,6 +70,16 @@ def image_set(vae: Any, names: list[str], size: int) -> InputSet:
     )
 
 
+def _denoise_size(family: PipelineFamily, size: int) -> dict[str, Any]:
+    """text-to-image takes the size; image-to-image takes it from its input image (all steps run: strength 1)."""
+    if family.task != "image-to-image":
+        return {"height": size, "width": size}
+    from PIL import Image
+
+    photo = (sample_images(["astronaut"], size)[0].transpose(1, 2, 0) + 1.0) * 127.5
+    return {"image": Image.fromarray(photo.round().clip(0, 255).astype(np.uint8)), "strength": 1.0}
+
+
 def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: int, size: int, seed: int = 0) -> InputSet:
     """Run the exported pipeline itself (the family's optimum-intel class) for a few steps and take its latents."""
     import optimum.intel
@@ -78,10 +88,9 @@ def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: i
     result = pipe(
         prompt,
         num_inference_steps=steps,
-        height=size,
-        width=size,
         output_type="latent",
         generator=np.random.RandomState(seed),
+        **_denoise_size(family, size),
     )
     latents = np.asarray(result.images, dtype=np.float32)
     decoder_input, how = family.decoder_latents(latents, pipe.vae_decoder.config)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from convert.families.base import LatentSpace, PipelineFamily, SubmodelSpec
 from convert.families.sd3 import SD3
 from convert.families.sdxl import SDXL
+from convert.families.sdxl_refiner import SDXL_REFINER
 
-FAMILIES: dict[str, PipelineFamily] = {family.name: family for family in (SDXL, SD3)}
+FAMILIES: dict[str, PipelineFamily] = {family.name: family for family in (SDXL, SDXL_REFINER, SD3)}
 
 
 def get_family(name: str) -> PipelineFamily:

@@ -54,7 +54,7 @@ class PipelineFamily:
     description: str  # one line for docs and errors
     diffusers_class: str  # diffusers pipeline class (model_index.json `_class_name`)
     optimum_class: str  # optimum.intel class that loads the bundle
-    genai_class: str  # openvino_genai class that loads the bundle
+    genai_class: str | None  # openvino_genai class that loads the bundle; None: openvino-genai cannot run it
     submodels: tuple[SubmodelSpec, ...]  # weighted submodels, in export order
     tokenizers: tuple[str, ...]  # pipeline attributes converted with openvino-tokenizers
     loaders: Mapping[str, tuple[str, str]]  # weight-bearing pipeline attribute -> (library, class)
@@ -62,10 +62,11 @@ class PipelineFamily:
     fit_checks: Mapping[str, FitCheck]  # substitutable attributes and how a substitute is checked
     tokenizer_files: tuple[str, ...]  # file names the fetch allow-list takes from tokenizer folders
     latents: LatentSpace
-    tags: tuple[str, ...]  # model-card tags besides openvino and text-to-image
+    tags: tuple[str, ...]  # model-card tags besides openvino and the task
     #: constructor arguments of the diffusers pipeline besides its components, from model_index.json
     pipeline_options: Callable[[Config], dict[str, Any]] = lambda _index: {}
-    optional: tuple[str, ...] = ()  # attributes a source may lack (e.g. SD3 without T5)
+    optional: tuple[str, ...] = ()  # pipeline attributes a source may lack, passed as None (SD3 without T5)
+    task: str = "text-to-image"  # or "image-to-image": the Hub pipeline tag, the card snippet, the denoise run
 
     @property
     def weighted(self) -> tuple[str, ...]:
@@ -113,11 +114,12 @@ class PipelineFamily:
 
     def usage(self) -> list[str]:
         """The model card's Python snippet."""
-        return [
-            f"from optimum.intel import {self.optimum_class}",
-            f'pipe = {self.optimum_class}.from_pretrained("<this folder or repo>")',
-            'image = pipe("a photo of an astronaut riding a horse").images[0]',
-        ]
+        load = [f"from optimum.intel import {self.optimum_class}",
+                f'pipe = {self.optimum_class}.from_pretrained("<this folder or repo>")']
+        if self.task == "image-to-image":
+            return ["from diffusers.utils import load_image", *load,
+                    'image = pipe("a photo of an astronaut riding a horse", image=load_image("input.png")).images[0]']
+        return [*load, 'image = pipe("a photo of an astronaut riding a horse").images[0]']
 
 
 # ----------------------------------------------------------------------------- shared submodel preparation
