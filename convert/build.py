@@ -234,7 +234,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     del patched
 
     with _stage("package", timings, workspace, PackageError, need=need):
-        package.write_json(bundle_dir / package.BUILD_INFO, package.build_info(resolution, components, report.fit_checks))
+        package.write_build_info(bundle_dir, package.build_info(resolution, components, report.fit_checks))
         (bundle_dir / "recipe.yaml").write_text(resolution.recipe_path.read_text())
         (bundle_dir / package.CARD).write_text(
             package.model_card(resolution, components, report.headline(), report.to_markdown(image_dir="validation"))
@@ -269,14 +269,14 @@ def exported_weights(recipe: Recipe) -> dict[str, str]:
 def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> BuildResult:
     import json
 
-    info = json.loads((bundle.path / package.BUILD_INFO).read_text())
+    info = package.read_build_info(bundle.path)
     report_path = bundle.path / "validation" / "report.json"
     headline = json.loads(report_path.read_text()).get("headline", {}) if report_path.is_file() else {}
     return BuildResult(
         bundle=bundle.path,
         build_id=bundle.build_id,
         reused=True,
-        components=info.get("components", []),
+        components=[c.model_dump() for c in info.components],
         headline=headline,
         sources=[s.lock_entry() for s in resolution.sources],
     )

@@ -22,7 +22,8 @@ from typing import Any
 from convert.errors import FetchError
 from convert.families import PipelineFamily
 from convert.families.base import CONFIG_FILES
-from convert.resolve import ResolvedSource, SourceFile, file_sha256, hub_error
+from convert.hub import file_sha256, git_blob_id
+from convert.resolve import ResolvedSource, SourceFile, hub_error
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +269,6 @@ def _expected_and_actual(f: SourceFile, path: Path) -> tuple[str | None, str]:
     if f.git_oid is not None:
         return f.git_oid, git_blob_id(path)
     return None, ""
-
-
-def git_blob_id(path: Path) -> str:
-    """git's id of a file's bytes: how the Hub names regular (non-LFS) files."""
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _link_view(root: Path, selected: list[SourceFile], dest: Path) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from convert.errors import PackageError
+from convert.recipe import Recipe
 from convert.resolve import Resolution, file_sha256
 
 MANIFEST = "manifest.json"
@@ -86,14 +88,74 @@ def load_bundle(folder: Path) -> Bundle:
     return Bundle(path=folder, build_id=manifest["build_id"], manifest=manifest)
 
 
-def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> dict[str, Any]:
-    return {
-        "build_id": resolution.build_id,
-        "recipe": resolution.recipe.model_dump(mode="json"),
-        "lock": resolution.lock(),
-        "components": components,
-        "fit_checks": checks,
-    }
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LockedSource(_Record):
+    role: str
+    source: str = Field(description="The source as the recipe names it (Source.describe()).")
+    commit: str = Field(description="40-hex Hub commit, or sha256:<digest> of a local/generated folder.")
+    repo: str | None = None  # Hub sources only; absent from the JSON otherwise
+    revision: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _hub_keys_only_for_hub(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in ("repo", "revision")}
+
+
+class Lock(_Record):
+    recipe: str
+    recipe_sha256: str
+    build_id: str
+    sources: list[LockedSource]
+    tools: dict[str, str]
+
+
+class ComponentInfo(_Record):
+    name: str
+    weights: str
+    inference_precision: list[str]
+    runtime_options: dict[str, str]
+    files: list[str]
+
+
+class BuildInfo(_Record):
+    """build.json: what a bundle was built from, read back (and validated) by publish and by a rebuild.
+
+    The recipe is stored resolved and re-validated on reading, as rattler-build reads back its
+    rendered recipe: a build.json this tool cannot read is refused rather than half-understood.
+    """
+
+    build_id: str
+    recipe: Recipe
+    lock: Lock
+    components: list[ComponentInfo]
+    fit_checks: list[str]
+
+
+def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> BuildInfo:
+    return BuildInfo(build_id=resolution.build_id, recipe=resolution.recipe, lock=Lock(**resolution.lock()),
+                     components=[ComponentInfo(**c) for c in components], fit_checks=checks)
+
+
+def write_build_info(folder: Path, info: BuildInfo) -> None:
+    write_json(folder / BUILD_INFO, info.model_dump(mode="json"))
+
+
+def read_build_info(folder: Path) -> BuildInfo:
+    """The bundle's build.json, validated; one-line PackageError if it is missing or does not fit the schema."""
+    path = folder / BUILD_INFO
+    try:
+        return BuildInfo.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise PackageError(f"cannot read {BUILD_INFO} ({e.strerror})", path=folder, hint="rebuild it with `convert`") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "root"
+        raise PackageError(f"{BUILD_INFO} does not fit this tool's schema at {where}: {first['msg']}", path=folder,
+                           hint="rebuild it with this version of `convert`") from e
 
 
 def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str, Any]:
