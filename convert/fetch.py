@@ -95,6 +95,8 @@ def select_files(
         component = group.rstrip("/").rsplit("/", 1)[-1]
         if component in skip_weights or (folders is not None and component not in family.loaders):
             continue
+        if folders is not None and not paths and component in family.optional:
+            continue  # e.g. an SD3 repo without T5; patch passes it as None
         chosen += [by_path[p] for p in _weights(sorted(names), group, role, variant, allow_pickle)]
     if folders is None and not any(f.path.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) for f in chosen):
         raise FetchError(f"{role}: no weights found at {prefix or 'the root'}", hint="check the subfolder in the recipe")

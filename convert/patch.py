@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convert.errors import PatchError
+from convert.families import PipelineFamily, family_of_class
 from convert.fetch import FetchedSource, NotSafetensors, parse_weight_name, read_safetensors_header
-from convert.families import PipelineFamily
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,6 @@ def check_family(index: Config, family: PipelineFamily) -> None:
     """The base's model_index.json names the pipeline class of the recipe's family."""
     found = index.get("_class_name")
     if found is not None and found != family.diffusers_class:
-        from convert.families import family_of_class
-
         other = family_of_class(str(found))
         fix = f"set pipeline: {other.name} in the recipe" if other else "use a base of this family"
         raise PatchError(f"base: model_index.json names {found}, but the recipe's pipeline {family.name} "
