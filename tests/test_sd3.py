@@ -145,3 +145,38 @@ def test_submodels_match_optimum_intel(parity_bundles: tuple[Path, Path], part: 
     assert parity.relative <= 1e-5, parity
     assert _runtime_options(ours / part / OV_XML) == _runtime_options(reference / part / OV_XML)
     assert json.loads((ours / part / "config.json").read_text()) == json.loads((reference / part / "config.json").read_text())
+
+
+def test_sd3_without_t5_builds_and_generates(artifacts_root: Path, tmp_path: Path) -> None:
+    """T5 is optional in SD3 (diffusers runs with text_encoder_3=None): a base without it still builds."""
+    import shutil
+
+    from optimum.intel import OVStableDiffusion3Pipeline
+
+    from convert.recipe import GeneratedSource, Source
+    from convert.resolve import materialize_generated
+
+    full = materialize_generated(Source(generated=GeneratedSource(generator="tiny-sd35-medium")),
+                                 Workspace(artifacts=artifacts_root))
+    base = tmp_path / "no-t5"
+    shutil.copytree(full, base, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((base / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (base / "model_index.json").write_text(json.dumps(index))
+    recipe = tmp_path / "no-t5.yaml"
+    recipe.write_text(f"""schema_version: 1
+name: tiny-sd3-no-t5
+pipeline: stable-diffusion-3
+base: {{local: {{path: {base}}}}}
+components: {{text_encoder_3: {{weights: int8}}}}
+target: {{device: CPU, inference_precision: [f32]}}
+validation: {{resolution: 64, small_resolution: 32, denoise_steps: 1, components: [vae_decoder]}}
+""")
+    result = build(recipe, Workspace(artifacts=tmp_path / "artifacts"))
+    names = [c["name"] for c in result.components]
+    assert "text_encoder_3" not in names and "tokenizer_3" not in names and "transformer" in names
+    assert not (result.bundle / "text_encoder_3").exists()
+    pipe = OVStableDiffusion3Pipeline.from_pretrained(result.bundle, device="CPU")
+    images = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                  generator=np.random.RandomState(0)).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
