@@ -395,7 +395,7 @@ def test_unwritable_hf_cache_says_cannot_write(hf_api: HfApi, new_repo_id: str, 
     cache = tmp_path / "cache-file"
     cache.write_text("not a folder")
     with pytest.raises(FetchError) as info:
-        fetch(resolved, tmp_path / "view", cache_dir=cache)
+        fetch(resolved, tmp_path / "view", cache_dir=cache, family=SDXL)
     message = str(info.value)
     assert f"substitutions.vae: {new_repo_id}@" in message and f"cannot write {cache}" in message, message
     assert "HF_HUB_CACHE" in message and not (tmp_path / "view").exists()
