@@ -24,7 +24,8 @@ from convert.capture import redirect_output
 from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, ValidationError,
                             ValidationFailed)
 from convert.fetch import FetchedSource, fetch, folder_params
-from convert.recipe import WEIGHTED_COMPONENTS, Recipe, load_recipe
+from convert.families import PipelineFamily
+from convert.recipe import Recipe, load_recipe
 from convert.resolve import Resolution, generated_dir, resolve, resolve_source, source_roles
 from convert.workspace import Workspace
 
@@ -207,15 +208,15 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         for source in resolution.sources:
             notify(f"fetch: {source.role} ({source.source.describe()})")
             folder = staging / "sources" / source.role.replace(".", "_")
-            fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache)
-    need = disk.bundle_bytes(weight_params(fetched), exported_weights(recipe))
+            fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache, family=recipe.family)
+    need = disk.bundle_bytes(weight_params(fetched, recipe.family), exported_weights(recipe))
     disk.check_free_space(workspace.artifacts, need, ExportError)
 
     with _stage("patch", timings, workspace, PatchError, log, need):
         notify("patch: loading the pipeline and substituting components")
         substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role != "base"}
         allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
-        patched = patch(fetched["base"], substitutes, allow)
+        patched = patch(fetched["base"], substitutes, allow, recipe.family)
 
     with _stage("export", timings, workspace, ExportError, log, need):
         exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify)
@@ -233,7 +234,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     del patched
 
     with _stage("package", timings, workspace, PackageError, need=need):
-        package.write_json(bundle_dir / package.BUILD_INFO, package.build_info(resolution, components, report.fit_checks))
+        package.write_build_info(bundle_dir, package.build_info(resolution, components, report.fit_checks))
         (bundle_dir / "recipe.yaml").write_text(resolution.recipe_path.read_text())
         (bundle_dir / package.CARD).write_text(
             package.model_card(resolution, components, report.headline(), report.to_markdown(image_dir="validation"))
@@ -254,28 +255,28 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     )
 
 
-def weight_params(fetched: dict[str, FetchedSource]) -> dict[str, int]:
+def weight_params(fetched: dict[str, FetchedSource], family: PipelineFamily) -> dict[str, int]:
     """Parameters per pipeline folder (text_encoder, unet, vae, ...), substitutes in place, from headers."""
-    folders = {c: fetched["base"].path / c for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
+    folders = {c: fetched["base"].path / c for c in family.loaders}
     folders |= {role.split(".", 1)[1]: f.path for role, f in fetched.items() if role != "base"}
     return {c: folder_params(folder) for c, folder in folders.items()}
 
 
 def exported_weights(recipe: Recipe) -> dict[str, str]:
-    return {c: recipe.settings_for(c).weights for c in WEIGHTED_COMPONENTS if recipe.settings_for(c).export}
+    return {c: recipe.settings_for(c).weights for c in recipe.family.weighted if recipe.settings_for(c).export}
 
 
 def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> BuildResult:
     import json
 
-    info = json.loads((bundle.path / package.BUILD_INFO).read_text())
+    info = package.read_build_info(bundle.path)
     report_path = bundle.path / "validation" / "report.json"
     headline = json.loads(report_path.read_text()).get("headline", {}) if report_path.is_file() else {}
     return BuildResult(
         bundle=bundle.path,
         build_id=bundle.build_id,
         reused=True,
-        components=info.get("components", []),
+        components=[c.model_dump() for c in info.components],
         headline=headline,
         sources=[s.lock_entry() for s in resolution.sources],
     )

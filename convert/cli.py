@@ -139,7 +139,7 @@ def _add_global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="sdxl-convert", description="Convert SDXL pipelines to validated OpenVINO IR bundles from YAML recipes."
+        prog="sdxl-convert", description="Convert diffusion pipelines to validated OpenVINO IR bundles from YAML recipes."
     )
     _add_global_flags(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)

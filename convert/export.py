@@ -2,7 +2,7 @@
 
 One submodel at a time (convert.export_worker): load only its weights, trace it with a
 small example input, compress its weights in memory once the torch copy is gone, save,
-free. A full SDXL build thus never holds more than the UNet (in fp16 where that cannot
+free. A full SDXL build (for example) thus never holds more than the UNet (in fp16 where that cannot
 change the result), instead of the whole pipeline plus optimum-intel's full-size trace.
 Each IR gets its own weight format (fp16 compression or NNCF int8/int4) and the
 recipe's runtime options. The bundle layout (folders, config.json files, model_index,
@@ -25,7 +25,7 @@ from typing import Any
 from convert.disk import is_no_space
 from convert.errors import ConvertError, ExportError, first_line
 from convert.patch import PatchedPipeline
-from convert.recipe import ComponentSettings, Recipe, WEIGHTED_COMPONENTS
+from convert.recipe import ComponentSettings, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,20 @@ def export_pipeline(
     patched: PatchedPipeline, recipe: Recipe, out_dir: Path, build_id: str, progress: Progress | None = None
 ) -> list[ExportedComponent]:
     """Export all submodels into `out_dir` (a staging folder the caller owns)."""
+    from convert.optimum_compat import check_version
+
     notify = progress or (lambda _msg: None)
+    check_version()
     started = time.monotonic()
-    write_pipeline_files(patched.pipeline, out_dir)
+    family = recipe.family
+    write_pipeline_files(patched.pipeline, out_dir, family.tokenizers)
     exported: list[ExportedComponent] = []
-    for name in WEIGHTED_COMPONENTS:
+    for name in family.weighted:
         settings = recipe.settings_for(name)
         if not settings.export:
+            continue
+        if family.submodel(name).component not in patched.weights:
+            notify(f"export: {name} -> not in the source (optional in {family.name}), left out")
             continue
         notify(f"export: {name} -> {settings.weights}")
         t0 = time.monotonic()
@@ -69,11 +76,11 @@ def export_pipeline(
     return exported
 
 
-def write_pipeline_files(pipeline: Any, out_dir: Path) -> None:
+def write_pipeline_files(pipeline: Any, out_dir: Path, tokenizers: tuple[str, ...]) -> None:
     """model_index.json, scheduler and tokenizer files, as optimum-intel's export writes them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.scheduler.save_pretrained(out_dir / "scheduler")
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in tokenizers:
         tokenizer = getattr(pipeline, name, None)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / name)
@@ -83,11 +90,11 @@ def write_pipeline_files(pipeline: Any, out_dir: Path) -> None:
 def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSettings, precisions: list[str],
                     build_id: str, folder: Path) -> tuple[Path, dict[str, str]]:
     """Trace, compress and save one submodel; returns its IR path and runtime options."""
-    from convert.export_worker import SUBMODELS, build_submodel, release_memory
+    from convert.export_worker import build_submodel, release_memory
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        model = build_submodel(SUBMODELS[name], patched, settings.weights, folder)
+        model = build_submodel(patched.family.submodel(name), patched, settings.weights, folder)
     except ConvertError:  # e.g. unreadable weights (PatchError): already one line with a hint
         raise
     except OSError as e:
@@ -260,11 +267,11 @@ def _release() -> None:
 
 
 def _export_tokenizers(pipeline: Any, recipe: Recipe, out_dir: Path, notify: Progress) -> list[ExportedComponent]:
-    from optimum.exporters.openvino.convert import export_tokenizer
+    from convert.optimum_compat import export_tokenizer
 
     done = []
-    for name in ("tokenizer", "tokenizer_2"):
-        if not recipe.settings_for(name).export:
+    for name in recipe.family.tokenizers:
+        if not recipe.settings_for(name).export or getattr(pipeline, name, None) is None:
             continue
         notify(f"export: {name} -> openvino-tokenizers")
         folder = out_dir / name
@@ -275,76 +282,3 @@ def _export_tokenizers(pipeline: Any, recipe: Recipe, out_dir: Path, notify: Pro
                               hint="check openvino-tokenizers matches the openvino version")
         done.append(ExportedComponent(name, xml, "n/a"))
     return done
-
-
-# ----------------------------------------------------------------------------- parity with optimum-intel
-
-
-@dataclass(frozen=True)
-class Parity:
-    """How far one submodel's outputs are from a reference IR's on the same inputs."""
-
-    component: str
-    max_abs: float  # largest |ours - reference| over all outputs
-    ref_max_abs: float  # largest |reference| (scale of the outputs)
-    same_interface: bool  # input/output names, ranks and dynamic dimensions equal
-
-    @property
-    def relative(self) -> float:
-        return self.max_abs / self.ref_max_abs if self.ref_max_abs > 0 else self.max_abs
-
-
-def example_inputs(model: Any, latent_side: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Deterministic inputs for an SDXL submodel IR, from its input names and shapes.
-
-    Dynamic batch is 1, sequence 77, latents `latent_side` (images 8x that); token ids stay
-    below 256 so they fit every vocabulary; the UNet gets a mid-schedule timestep.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    inputs: dict[str, Any] = {}
-    for port in model.inputs:
-        name, shape = port.get_any_name(), port.get_partial_shape()
-        dims = [d.get_length() if d.is_static else None for d in shape]
-        if len(dims) == 4:
-            side = latent_side * (8 if dims[1] == 3 else 1)
-            dims = [1, dims[1], side, side]
-        else:
-            dims = [d if d is not None else (1 if i == 0 else 77) for i, d in enumerate(dims)]
-        dtype = port.get_element_type().to_dtype()
-        if name == "timestep":
-            inputs[name] = np.full(dims, 500, dtype)
-        elif np.issubdtype(dtype, np.integer):
-            inputs[name] = rng.integers(0, 256, dims).astype(dtype)
-        else:
-            inputs[name] = rng.standard_normal(dims).astype(dtype)
-    return inputs
-
-
-def _interface(model: Any) -> list[tuple[str, str, str]]:
-    ports = [("in", p.get_any_name(), str(p.get_partial_shape())) for p in model.inputs]
-    return ports + [("out", p.get_any_name(), str(p.get_partial_shape())) for p in model.outputs]
-
-
-def submodel_parity(component: str, ours: Path, reference: Path, latent_side: int = 8) -> Parity:
-    """Run two IRs of one submodel on the same inputs (CPU, f32) and compare every output by name."""
-    import numpy as np
-    import openvino as ov
-
-    core = ov.Core()
-    results = []
-    for xml in (ours, reference):
-        model = core.read_model(xml)
-        inputs = example_inputs(model, latent_side)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        outputs = compiled(inputs)
-        results.append((_interface(model), {p.get_any_name(): np.asarray(outputs[p]) for p in compiled.outputs}))
-        del compiled, model
-    (ours_if, ours_out), (ref_if, ref_out) = results
-    common = [k for k in ref_out if k in ours_out and ours_out[k].shape == ref_out[k].shape]
-    if not common:
-        return Parity(component, float("inf"), 0.0, False)
-    max_abs = max(float(np.max(np.abs(ours_out[k].astype(np.float64) - ref_out[k]))) for k in common)
-    scale = max(float(np.max(np.abs(v))) for v in ref_out.values())
-    return Parity(component, max_abs, scale, ours_if == ref_if and len(common) == len(ref_out))

@@ -1,9 +1,10 @@
 """One submodel to an in-memory OpenVINO model: load its weights, trace it small, free the torch copy.
 
 Why not optimum-intel's `export_from_model` on the whole pipeline: it needs every
-component in memory at once (the SDXL pipeline is ~7 GiB in fp16, ~14 GiB in fp32),
+component in memory at once (an SDXL pipeline is ~7 GiB in fp16, ~14 GiB in fp32),
 deep-copies the VAE twice and traces the UNet with a [2, 4, 127, 127] dummy, which
-peaked at 15.7 GiB here. This module does what optimum's `export_pytorch` does for
+peaked at 15.7 GiB here. What differs per model family (which submodels, how each is
+prepared, its runtime options) is the family's `SubmodelSpec` registry (convert.families). This module does what optimum's `export_pytorch` does for
 one submodel (same export config, so the same input/output names, dynamic axes,
 model patcher and rt_info) with three changes that do not change the graph's results:
 
@@ -27,69 +28,15 @@ import gc
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convert.families import SubmodelSpec
 from convert.patch import LoadDtype, PatchedPipeline, WeightSource
 
 log = logging.getLogger(__name__)
 
 SMALL_SIDE = 32  # example-input sides above this are reduced to SMALL_SIDE + side % 8
-VAE_SCALE_FACTOR_SDXL = "128.0"  # what optimum-intel writes for SDXL VAEs with force_upcast
-
-
-@dataclass(frozen=True)
-class SubmodelSpec:
-    """How one bundle folder is made from one pipeline component (a registry entry)."""
-
-    name: str  # bundle folder and optimum submodel name
-    component: str  # pipeline attribute holding the weights
-    task: str  # optimum exporter task for the export config
-    model_type: str | None  # explicit optimum model type (the VAE halves); None: from the model
-    prepare: Callable[[Any, Any], Any]  # (loaded component, pipeline) -> module to trace
-
-
-def _prepare_text_encoder(model: Any, _pipeline: Any) -> Any:
-    """SDXL reads hidden states of every layer: export them, as optimum does."""
-    from optimum.exporters.utils import _get_diffusers_submodel_type
-
-    model.config.output_hidden_states = True
-    if hasattr(model, "text_model"):
-        model.text_model.config.output_hidden_states = True
-    model.config.export_model_type = _get_diffusers_submodel_type(model)
-    return model
-
-
-def _prepare_unet(model: Any, pipeline: Any) -> Any:
-    """The config fields optimum adds before exporting an SDXL UNet (they shape its inputs)."""
-    from optimum.exporters.utils import _get_diffusers_submodel_type
-
-    model.config.model_max_length = getattr(pipeline.tokenizer_2, "model_max_length", None)
-    model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
-    model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
-    model.config.text_encoder_projection_dim = pipeline.text_encoder_2.config.projection_dim
-    model.config.export_model_type = _get_diffusers_submodel_type(model)
-    return model
-
-
-def _prepare_vae_encoder(vae: Any, _pipeline: Any) -> Any:
-    vae.forward = lambda sample: {"latent_parameters": vae.encode(x=sample)["latent_dist"].parameters}
-    return vae
-
-
-def _prepare_vae_decoder(vae: Any, _pipeline: Any) -> Any:
-    vae.forward = lambda latent_sample: vae.decode(z=latent_sample)
-    return vae
-
-
-SUBMODELS: dict[str, SubmodelSpec] = {
-    "text_encoder": SubmodelSpec("text_encoder", "text_encoder", "feature-extraction", None, _prepare_text_encoder),
-    "text_encoder_2": SubmodelSpec("text_encoder_2", "text_encoder_2", "feature-extraction", None, _prepare_text_encoder),
-    "unet": SubmodelSpec("unet", "unet", "semantic-segmentation", None, _prepare_unet),
-    "vae_decoder": SubmodelSpec("vae_decoder", "vae", "semantic-segmentation", "vae-decoder", _prepare_vae_decoder),
-    "vae_encoder": SubmodelSpec("vae_encoder", "vae", "semantic-segmentation", "vae-encoder", _prepare_vae_encoder),
-}
 
 
 def load_dtype(weights: str, source: WeightSource) -> LoadDtype:
@@ -176,21 +123,14 @@ def export_config(spec: SubmodelSpec, module: Any) -> Any:
     return constructor(module.config, int_dtype="int64", float_dtype="fp32")
 
 
-def runtime_options(spec: SubmodelSpec, pipeline: Any) -> dict[str, str]:
-    """The runtime options optimum-intel writes (ACTIVATIONS_SCALE_FACTOR for force_upcast SDXL VAEs)."""
-    if spec.component == "vae" and getattr(pipeline.vae.config, "force_upcast", False):
-        return {"ACTIVATIONS_SCALE_FACTOR": VAE_SCALE_FACTOR_SDXL}
-    return {}
-
-
 def trace(module: Any, config: Any, sixteen_bit: bool) -> Any:
     """`optimum.exporters.openvino.convert.export_pytorch` without the save, on a small example."""
     import torch
     from openvino import convert_model
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
-    from optimum.exporters.openvino.convert import _add_runtime_options_to_rt_info, _add_version_info_to_model
-    from optimum.exporters.openvino.utils import _get_input_info, clear_class_registry, remove_none_from_dummy_inputs
     from optimum.utils import DEFAULT_DUMMY_SHAPES
+
+    from convert import optimum_compat as compat
 
     config.stateful = False
     shapes = {k: v for k, v in DEFAULT_DUMMY_SHAPES.items() if k not in ("height", "width")}
@@ -200,20 +140,18 @@ def trace(module: Any, config: Any, sixteen_bit: bool) -> Any:
             module.config.return_dict = True
         module.eval()
         dummy = small_example(config.generate_dummy_inputs(framework="pt", **shapes))
-        dummy, dict_inputs = remove_none_from_dummy_inputs(config.rename_ambiguous_inputs(dummy))
+        dummy, dict_inputs = compat.remove_none_from_dummy_inputs(config.rename_ambiguous_inputs(dummy))
         patcher = config.patch_model_for_export(module, model_kwargs=None)
         patcher.patched_forward = _tuple_forward(patcher, list(dummy), dict_inputs)
         with patcher:
-            input_info = _get_input_info(module, config, dummy)
+            input_info = compat.input_info(module, config, dummy)
             ov_model = _convert(module, dummy, input_info, patcher, sixteen_bit, TorchScriptPythonDecoder, convert_model)
     ov_model.validate_nodes_and_infer_types()
     for tensor, name in zip(ov_model.outputs, config.outputs, strict=False):
         tensor.get_tensor().set_names({name})
     for tensor, info in zip(ov_model.inputs, input_info, strict=True):
         tensor.get_tensor().set_names({info.name})
-    _add_version_info_to_model(ov_model, "diffusers")
-    _add_runtime_options_to_rt_info(ov_model, getattr(config, "runtime_options", {}))
-    clear_class_registry()
+    compat.finish_traced(ov_model, getattr(config, "runtime_options", {}))
     return ov_model
 
 
@@ -235,20 +173,20 @@ def _tuple_forward(patcher: Any, keys: list[str], dict_inputs: list[tuple[str, l
 
 def _convert(module: Any, dummy: dict[str, Any], input_info: list[Any], patcher: Any, sixteen_bit: bool,
              decoder_cls: Any, convert_model: Any) -> Any:
-    from openvino.frontend.pytorch.patch_model import __make_16bit_traceable, unpatch_model
+    from convert.optimum_compat import make_16bit_traceable, unpatch_16bit
 
     kwargs: dict[str, Any] = {"trace_kwargs": {"check_trace": False}}  # optimum skips the check for diffusers
     if getattr(patcher, "module_extensions", None) is not None:
         kwargs["module_extensions"] = patcher.module_extensions
     if sixteen_bit:
-        __make_16bit_traceable(module)
+        make_16bit_traceable(module)
     try:
         decoder = decoder_cls(module, example_input=dummy, **kwargs)
         return convert_model(decoder, example_input=dummy, input=[(i.shape, i.type) for i in input_info],
                              extension=getattr(patcher, "conversion_extensions", None))
     finally:
         if sixteen_bit:
-            unpatch_model(module, "_openvino_module_extension_patch_orig_forward")
+            unpatch_16bit(module)
 
 
 _CONFIG_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -282,7 +220,7 @@ def build_submodel(spec: SubmodelSpec, patched: PatchedPipeline, weights: str, f
     log.info("%s: loading %s weights as %s (stored %s)", spec.name, source.component, dtype, source.stored_dtype)
     module = spec.prepare(source.load(dtype), patched.pipeline)
     config = export_config(spec, module)
-    config.runtime_options = runtime_options(spec, patched.pipeline)
+    config.runtime_options = spec.runtime_options(patched.pipeline)  # what optimum-intel writes for this family
     save_component_config(module, folder, source.stored_dtype)  # before tracing, as optimum does (tracing sets return_dict etc.)
     ov_model = trace(module, config, sixteen_bit=dtype == "fp16")
     del module, config

@@ -20,7 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convert.errors import FetchError
-from convert.resolve import ResolvedSource, SourceFile, file_sha256, hub_error
+from convert.families import PipelineFamily
+from convert.families.base import CONFIG_FILES
+from convert.hub import file_sha256, git_blob_id
+from convert.resolve import ResolvedSource, SourceFile, hub_error
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +32,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: diffusers / transformers weight file stems; anything else (single-file checkpoints,
 #: LoRAs, `sdxl_vae.safetensors`) is not part of a diffusers pipeline and is never fetched.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-CONFIG_NAMES = ("config.json", "scheduler_config.json", "model_index.json")
-TOKENIZER_NAMES = (
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
-#: diffusers folders of an SDXL pipeline; weights are fetched for those with weights.
-PIPELINE_FOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
+#: The folders and tokenizer file names a pipeline needs come from its family (`PipelineFamily.folders`,
+#: `.tokenizer_files`); weights are fetched for the folders of its weight-bearing components.
 
 
 @dataclass(frozen=True)
@@ -51,12 +45,12 @@ class FetchedSource:
     bytes_downloaded: int = 0
 
 
-def needed_folders(role: str) -> list[str] | None:
+def needed_folders(role: str, family: PipelineFamily) -> list[str] | None:
     """Folders to fetch from a source: every pipeline folder for the base (the original VAE is the
     validation reference even when substituted); None = the source is a single component."""
     if role != "base":
         return None
-    return list(PIPELINE_FOLDERS)
+    return list(family.folders)
 
 
 def select_files(
@@ -67,13 +61,16 @@ def select_files(
     subfolder: str | None,
     variant: str | None,
     allow_pickle: bool,
+    family: PipelineFamily,
     skip_weights: Iterable[str] = (),
 ) -> list[SourceFile]:
     """The allow-list: configs, tokenizer files and one set of weights per component folder.
 
     `folders` None means the source is one component (a standalone VAE repo) rooted at `subfolder`.
-    Components in `skip_weights` (substituted ones) keep their config (for the fit check) only.
+    Components in `skip_weights` (substituted ones) keep their config (for the fit check) only;
+    tokenizer and scheduler folders have none.
     """
+    keep = set(CONFIG_FILES) | set(family.tokenizer_files)
     by_path = {f.path: f for f in files}
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     chosen: list[SourceFile] = []
@@ -94,10 +91,12 @@ def select_files(
         }
     for group, paths in groups.items():
         names = {PurePosixPath(p).name: p for p in paths}
-        chosen += [by_path[names[n]] for n in sorted(names) if n in CONFIG_NAMES or n in TOKENIZER_NAMES]
+        chosen += [by_path[names[n]] for n in sorted(names) if n in keep]
         component = group.rstrip("/").rsplit("/", 1)[-1]
-        if component in skip_weights or component.startswith(("tokenizer", "scheduler")):
+        if component in skip_weights or (folders is not None and component not in family.loaders):
             continue
+        if folders is not None and not paths and component in family.optional:
+            continue  # e.g. an SD3 repo without T5; patch passes it as None
         chosen += [by_path[p] for p in _weights(sorted(names), group, role, variant, allow_pickle)]
     if folders is None and not any(f.path.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) for f in chosen):
         raise FetchError(f"{role}: no weights found at {prefix or 'the root'}", hint="check the subfolder in the recipe")
@@ -143,7 +142,8 @@ def _weights(names: list[str], group: str, role: str, variant: str | None, allow
     raise FetchError(f"{role}: no .safetensors weights in {group or 'the root'}", hint="check the source and subfolder")
 
 
-def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, skip_weights: Iterable[str] = ()) -> FetchedSource:
+def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, family: PipelineFamily,
+          skip_weights: Iterable[str] = ()) -> FetchedSource:
     """Download (Hub) or select (local) the files of one source and link them into `dest`."""
     src = resolved.source
     inner = src.hub or src.local or src.generated
@@ -151,10 +151,11 @@ def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, skip_
     selected = select_files(
         resolved.files,
         role=resolved.role,
-        folders=needed_folders(resolved.role),
+        folders=needed_folders(resolved.role, family),
         subfolder=subfolder,
         variant=src.variant,
         allow_pickle=src.allow_pickle,
+        family=family,
         skip_weights=skip_weights,
     )
     downloaded = 0
@@ -270,15 +271,6 @@ def _expected_and_actual(f: SourceFile, path: Path) -> tuple[str | None, str]:
     if f.git_oid is not None:
         return f.git_oid, git_blob_id(path)
     return None, ""
-
-
-def git_blob_id(path: Path) -> str:
-    """git's id of a file's bytes: how the Hub names regular (non-LFS) files."""
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _link_view(root: Path, selected: list[SourceFile], dest: Path) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from convert.errors import PackageError
+from convert.recipe import Recipe
 from convert.resolve import Resolution, file_sha256
 
 MANIFEST = "manifest.json"
@@ -86,25 +88,85 @@ def load_bundle(folder: Path) -> Bundle:
     return Bundle(path=folder, build_id=manifest["build_id"], manifest=manifest)
 
 
-def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> dict[str, Any]:
-    return {
-        "build_id": resolution.build_id,
-        "recipe": resolution.recipe.model_dump(mode="json"),
-        "lock": resolution.lock(),
-        "components": components,
-        "fit_checks": checks,
-    }
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LockedSource(_Record):
+    role: str
+    source: str = Field(description="The source as the recipe names it (Source.describe()).")
+    commit: str = Field(description="40-hex Hub commit, or sha256:<digest> of a local/generated folder.")
+    repo: str | None = None  # Hub sources only; absent from the JSON otherwise
+    revision: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _hub_keys_only_for_hub(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in ("repo", "revision")}
+
+
+class Lock(_Record):
+    recipe: str
+    recipe_sha256: str
+    build_id: str
+    sources: list[LockedSource]
+    tools: dict[str, str]
+
+
+class ComponentInfo(_Record):
+    name: str
+    weights: str
+    inference_precision: list[str]
+    runtime_options: dict[str, str]
+    files: list[str]
+
+
+class BuildInfo(_Record):
+    """build.json: what a bundle was built from, read back (and validated) by publish and by a rebuild.
+
+    The recipe is stored resolved and re-validated on reading, as rattler-build reads back its
+    rendered recipe: a build.json this tool cannot read is refused rather than half-understood.
+    """
+
+    build_id: str
+    recipe: Recipe
+    lock: Lock
+    components: list[ComponentInfo]
+    fit_checks: list[str]
+
+
+def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> BuildInfo:
+    return BuildInfo(build_id=resolution.build_id, recipe=resolution.recipe, lock=Lock(**resolution.lock()),
+                     components=[ComponentInfo(**c) for c in components], fit_checks=checks)
+
+
+def write_build_info(folder: Path, info: BuildInfo) -> None:
+    write_json(folder / BUILD_INFO, info.model_dump(mode="json"))
+
+
+def read_build_info(folder: Path) -> BuildInfo:
+    """The bundle's build.json, validated; one-line PackageError if it is missing or does not fit the schema."""
+    path = folder / BUILD_INFO
+    try:
+        return BuildInfo.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise PackageError(f"cannot read {BUILD_INFO} ({e.strerror})", path=folder, hint="rebuild it with `convert`") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "root"
+        raise PackageError(f"{BUILD_INFO} does not fit this tool's schema at {where}: {first['msg']}", path=folder,
+                           hint="rebuild it with this version of `convert`") from e
 
 
 def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str, Any]:
     recipe = resolution.recipe
     base_model = recipe.base_model or (recipe.base.hub.repo if recipe.base.hub else None)
-    meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": "text-to-image"}
+    meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": recipe.family.task}
     if base_model:
         meta["base_model"] = base_model
         meta["base_model_relation"] = "quantized"
     meta["license"] = recipe.base.license or "other"
-    meta["tags"] = sorted({"openvino", "stable-diffusion-xl", "text-to-image", *(recipe.publish.tags if recipe.publish else [])})
+    meta["tags"] = sorted({"openvino", *recipe.family.tags, recipe.family.task, *(recipe.publish.tags if recipe.publish else [])})
     meta["upstream"] = {s.role: s.commit for s in resolution.sources}
     meta["upstream_sources"] = {s.role: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
@@ -136,9 +198,7 @@ def model_card(resolution: Resolution, components: list[dict[str, Any]], headlin
         "## Use",
         "",
         "```python",
-        "from optimum.intel import OVStableDiffusionXLPipeline",
-        'pipe = OVStableDiffusionXLPipeline.from_pretrained("<this folder or repo>")',
-        'image = pipe("a photo of an astronaut riding a horse").images[0]',
+        *recipe.family.usage(),
         "```",
         "",
     ]

@@ -5,22 +5,24 @@ nothing) hours later, so the fit checks run on the configs before any weight is 
 
 Memory: the full pipeline in fp32 is ~14 GiB for SDXL, more than half of what a build
 may use. So only what validation needs is loaded here (the VAE and, if substituted, the
-original VAE, both fp32: they are small and are the f32 reference). The UNet and the
+original VAE, both fp32: they are small and are the f32 reference). The denoiser and the
 text encoders are built without storage (on torch's meta device) so the pipeline object,
 its configs and `vae_scale_factor` work as usual; the export stage loads the real
-weights of one component at a time from `PatchedPipeline.weights`.
+weights of one component at a time from `PatchedPipeline.weights`. Which components,
+loader classes and fit checks apply is the family's record (convert.families).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from convert.errors import PatchError
+from convert.families import PipelineFamily, family_of_class
 from convert.fetch import FetchedSource, NotSafetensors, parse_weight_name, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -28,15 +30,12 @@ log = logging.getLogger(__name__)
 Config = Mapping[str, Any]
 LoadDtype = Literal["fp32", "fp16"]
 
-#: Pipeline attributes whose weights are read lazily (one at a time, by the export stage).
-LAZY_COMPONENTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet")
-
-
 @dataclass(frozen=True)
 class WeightSource:
     """Where one component's weights live, and the dtype they are stored in."""
 
-    component: str  # diffusers attribute: vae, unet, text_encoder, text_encoder_2
+    component: str  # diffusers attribute: vae, unet, transformer, text_encoder, ...
+    loader: tuple[str, str]  # (library, class) that loads it
     folder: Path
     variant: str | None
     allow_pickle: bool
@@ -44,95 +43,25 @@ class WeightSource:
 
     def load(self, dtype: LoadDtype = "fp32") -> Any:
         """The component with real weights in `dtype` (eval mode)."""
-        return load_component(self.component, self.folder, self.allow_pickle, dtype).eval()
+        return load_component(self.component, self.loader, self.folder, self.allow_pickle, dtype).eval()
 
 
 @dataclass
 class PatchedPipeline:
     """The pipeline to export (substitutes in place) plus the originals they replaced.
 
-    `pipeline` is a real `StableDiffusionXLPipeline` whose VAE (fp32), tokenizers and
-    scheduler are loaded; its UNet and text encoders have no storage (meta tensors):
-    their weights are read from `weights` by the export stage, one component at a time.
-    `originals` holds the original VAE (fp32) when the VAE is substituted.
+    `pipeline` is a real diffusers pipeline of the family's class whose VAE (fp32),
+    tokenizers and scheduler are loaded; its denoiser and text encoders have no storage
+    (meta tensors): their weights are read from `weights` by the export stage, one
+    component at a time. `originals` holds the original VAE (fp32) when the VAE is substituted.
     """
 
-    pipeline: Any  # diffusers.StableDiffusionXLPipeline
+    pipeline: Any  # the family's diffusers pipeline class
+    family: PipelineFamily
     originals: dict[str, Any] = field(default_factory=dict)
     substituted: dict[str, str] = field(default_factory=dict)  # component -> source description
     checks: list[str] = field(default_factory=list)  # fit checks that passed, for the report
     weights: dict[str, WeightSource] = field(default_factory=dict)  # component -> its (substituted) weights
-
-
-# ----------------------------------------------------------------------------- fit checks (pure)
-
-
-def _require(ok: bool, component: str, message: str, hint: str) -> None:
-    if not ok:
-        raise PatchError(f"substituted {component} does not fit: {message}", hint=hint)
-
-
-def check_vae_fits(new: Config, old: Config, unet: Config) -> list[str]:
-    hint = "substitute a VAE trained for this pipeline family (for SDXL: an SDXL VAE such as sdxl-vae-fp16-fix)"
-    new_latent, unet_in = new.get("latent_channels"), unet.get("in_channels")
-    _require(new_latent == unet_in, "vae", f"latent_channels {new_latent} but the UNet takes {unet_in}", hint)
-    _require(
-        new_latent == old.get("latent_channels"),
-        "vae",
-        f"latent_channels {new_latent} but the original VAE has {old.get('latent_channels')}",
-        hint,
-    )
-    new_scale, old_scale = new.get("scaling_factor"), old.get("scaling_factor")
-    _require(
-        new_scale is not None and old_scale is not None and abs(float(new_scale) - float(old_scale)) < 1e-6,
-        "vae",
-        f"scaling_factor {new_scale} but the original VAE uses {old_scale} (a VAE of another model family)",
-        hint,
-    )
-    new_blocks, old_blocks = new.get("block_out_channels", []), old.get("block_out_channels", [])
-    _require(
-        len(new_blocks) == len(old_blocks),
-        "vae",
-        f"{len(new_blocks)} resolution levels but the original has {len(old_blocks)} (latent-to-pixel ratio differs)",
-        hint,
-    )
-    for key in ("down_block_types", "up_block_types"):
-        _require(
-            list(new.get(key, [])) == list(old.get(key, [])),
-            "vae",
-            f"{key} {new.get(key)} differ from the original's {old.get(key)}",
-            hint,
-        )
-    return [
-        f"vae latent_channels {new_latent} == unet in_channels {unet_in}",
-        f"vae scaling_factor {new_scale} == original",
-        f"vae block structure ({len(new_blocks)} levels, {new.get('up_block_types')}) == original",
-    ]
-
-
-def check_unet_fits(new: Config, old: Config, _unet: Config) -> list[str]:
-    keys = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "addition_time_embed_dim",
-            "projection_class_embeddings_input_dim")
-    for key in keys:
-        _require(new.get(key) == old.get(key), "unet", f"{key} {new.get(key)} != original {old.get(key)}",
-                 "substitute a UNet of the same architecture (an SDXL finetune)")
-    return [f"unet {', '.join(keys)} == original"]
-
-
-def check_text_encoder_fits(new: Config, old: Config, _unet: Config) -> list[str]:
-    keys = ("hidden_size", "projection_dim", "num_hidden_layers", "vocab_size")
-    for key in keys:
-        _require(new.get(key) == old.get(key), "text_encoder", f"{key} {new.get(key)} != original {old.get(key)}",
-                 "substitute a text encoder of the same architecture")
-    return [f"text encoder {', '.join(keys)} == original"]
-
-
-FIT_CHECKS: dict[str, Callable[[Config, Config, Config], list[str]]] = {
-    "vae": check_vae_fits,
-    "unet": check_unet_fits,
-    "text_encoder": check_text_encoder_fits,
-    "text_encoder_2": check_text_encoder_fits,
-}
 
 
 # ----------------------------------------------------------------------------- loading (I/O)
@@ -165,28 +94,28 @@ def weights_variant(folder: Path) -> str | None:
     return None
 
 
-def _loader(component: str) -> Any:
+def _loader(component: str, loader: tuple[str, str]) -> Any:
     import diffusers
     import transformers
 
-    loaders = {
-        "vae": diffusers.AutoencoderKL,
-        "unet": diffusers.UNet2DConditionModel,
-        "text_encoder": transformers.CLIPTextModel,
-        "text_encoder_2": transformers.CLIPTextModelWithProjection,
-    }
-    return loaders[component]
+    library, cls_name = loader
+    module = {"diffusers": diffusers, "transformers": transformers}[library]
+    if not hasattr(module, cls_name):
+        raise PatchError(f"{component}: {library} has no class {cls_name}", hint=f"update {library}")
+    return getattr(module, cls_name)
 
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
 _SAFETENSORS_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
 
 
-def load_component(component: str, folder: Path, allow_pickle: bool, dtype: LoadDtype = "fp32") -> Any:
+def load_component(component: str, loader: tuple[str, str], folder: Path, allow_pickle: bool,
+                   dtype: LoadDtype = "fp32") -> Any:
     import torch
 
+    cls = _loader(component, loader)
     try:
-        return _loader(component).from_pretrained(
+        return cls.from_pretrained(
             folder,  # low_cpu_mem_usage (default): weights are read once, straight into their parameters
             variant=weights_variant(folder),
             use_safetensors=not allow_pickle,
@@ -216,23 +145,23 @@ def stored_dtype(folder: Path, variant: str | None) -> str | None:
     return None
 
 
-def weight_source(component: str, folder: Path, allow_pickle: bool) -> WeightSource:
+def weight_source(component: str, loader: tuple[str, str], folder: Path, allow_pickle: bool) -> WeightSource:
     variant = weights_variant(folder)
-    return WeightSource(component, folder, variant, allow_pickle, stored_dtype(folder, variant))
+    return WeightSource(component, loader, folder, variant, allow_pickle, stored_dtype(folder, variant))
 
 
-def _empty_component(component: str, folder: Path) -> Any:
+def _empty_component(component: str, loader: tuple[str, str], folder: Path) -> Any:
     """The component built from its config with parameters on the meta device (no memory, no init)."""
     from accelerate import init_empty_weights
 
-    cls = _loader(component)
+    cls = _loader(component, loader)
     with init_empty_weights(include_buffers=False):
-        if component == "unet":
+        if loader[0] == "diffusers":
             return cls.from_config(read_config(folder, component))
         return cls(cls.config_class.from_pretrained(folder))
 
 
-def _light_part(folder: Path, spec: Any, component: str) -> Any:
+def _light_part(folder: Path, spec: Any, component: str, family: PipelineFamily) -> Any:
     """A tokenizer or scheduler, by the class model_index.json names."""
     import diffusers
     import transformers
@@ -241,42 +170,66 @@ def _light_part(folder: Path, spec: Any, component: str) -> Any:
     module = {"diffusers": diffusers, "transformers": transformers}.get(library)
     if module is None or not hasattr(module, cls_name):
         raise PatchError(f"base: {component} class {library}.{cls_name} is not supported",
-                         hint="the base must be a diffusers SDXL pipeline")
+                         hint=f"the base must be a diffusers {family.diffusers_class}")
     return getattr(module, cls_name).from_pretrained(folder / component)
 
 
-def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_pickle: Mapping[str, bool]) -> PatchedPipeline:
+def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_pickle: Mapping[str, bool],
+          family: PipelineFamily) -> PatchedPipeline:
     """Check substitutes fit, load the small parts, and record where the big weights are."""
-    from diffusers import StableDiffusionXLPipeline
+    import diffusers
 
-    unet_config = read_config(base.path / "unet", "unet")
+    index = read_config(base.path, "base", "model_index.json")
+    check_family(index, family)
+    present = [c for c in family.loaders if _in_source(index, base.path, c, family)]
+    denoiser_config = read_config(base.path / family.denoiser, family.denoiser)
     checks: list[str] = []
-    folders = {c: base.path / c for c in ("vae", *LAZY_COMPONENTS)}
+    folders = {c: base.path / c for c in present}
     pickle = {c: allow_pickle.get("base", False) for c in folders}
     for component, fetched in substitutes.items():
         new_config = read_config(fetched.path, component)
         old_config = read_config(base.path / component, component)
-        checks += FIT_CHECKS[component](new_config, old_config, unet_config)
+        checks += family.fit_checks[component](new_config, old_config, denoiser_config)
         folders[component], pickle[component] = fetched.path, allow_pickle.get(component, False)
         log.info("substituted %s from %s", component, fetched.role)
-    weights = {c: weight_source(c, folders[c], pickle[c]) for c in folders}
-    originals = {"vae": load_component("vae", base.path / "vae", allow_pickle.get("base", False))} if "vae" in substitutes else {}
-    index = read_config(base.path, "base", "model_index.json")
+    weights = {c: weight_source(c, family.loaders[c], folders[c], pickle[c]) for c in folders}
+    originals = ({"vae": load_component("vae", family.loaders["vae"], base.path / "vae", allow_pickle.get("base", False))}
+                 if "vae" in substitutes else {})
+    light = [c for c in (*family.tokenizers, "scheduler") if _in_source(index, base.path, c, family)]
     try:
-        parts = {c: _empty_component(c, folders[c]) for c in LAZY_COMPONENTS}
-        parts |= {c: _light_part(base.path, index[c], c) for c in ("tokenizer", "tokenizer_2", "scheduler")}
-        pipeline = StableDiffusionXLPipeline(
-            vae=weights["vae"].load("fp32"), **parts,
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-            add_watermarker=False,
+        parts: dict[str, Any] = {c: None for c in family.optional}
+        parts |= {c: _empty_component(c, family.loaders[c], folders[c]) for c in family.lazy if c in folders}
+        parts |= {c: _light_part(base.path, index[c], c, family) for c in light}
+        pipeline = getattr(diffusers, family.diffusers_class)(
+            vae=weights["vae"].load("fp32"), **parts, **family.pipeline_options(index)
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise PatchError(f"base: cannot load the pipeline from {base.path}: {str(e).splitlines()[0]}",
-                         hint="check the base source is a diffusers SDXL pipeline") from e
+                         hint=f"check the base source is a diffusers {family.diffusers_class}") from e
     return PatchedPipeline(
         pipeline=pipeline,
+        family=family,
         originals=originals,
         substituted={c: f.role for c, f in substitutes.items()},
         checks=checks,
         weights=weights,
     )
+
+
+def check_family(index: Config, family: PipelineFamily) -> None:
+    """The base's model_index.json names the pipeline class of the recipe's family."""
+    found = index.get("_class_name")
+    if found is not None and found != family.diffusers_class:
+        other = family_of_class(str(found))
+        fix = f"set pipeline: {other.name} in the recipe" if other else "use a base of this family"
+        raise PatchError(f"base: model_index.json names {found}, but the recipe's pipeline {family.name} "
+                         f"is a {family.diffusers_class}", hint=fix)
+
+
+def _in_source(index: Config, root: Path, component: str, family: PipelineFamily) -> bool:
+    """Whether the base has this component; a missing required one is an error here, not deep in diffusers."""
+    entry = index.get(component)
+    present = isinstance(entry, (list, tuple)) and entry[0] is not None and (root / component).is_dir()
+    if not present and component not in family.optional:
+        raise PatchError(f"base: no {component} in {root}", hint=f"a {family.diffusers_class} needs it; check the base source")
+    return present

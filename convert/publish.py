@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from convert import package
 from convert.errors import PackageError, PublishError
-from convert.fetch import git_blob_id
+from convert.hub import HubFile, file_sha256, http_status, hub_files, same_content
 from convert.recipe_rules import hub_repo_id
-from convert.resolve import file_sha256
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -46,19 +45,11 @@ class LocalFile:
 
 
 @dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    size: int
-    sha256: str | None  # LFS files
-    git_oid: str | None  # regular files (and LFS pointers)
-
-
-@dataclass(frozen=True)
 class RemoteState:
     """A repo's head and its files, read in one call so they belong together; head None = no repo yet."""
 
     head: str | None
-    files: dict[str, RemoteFile] = field(default_factory=dict)
+    files: dict[str, HubFile] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,17 +144,17 @@ def plan_publish(bundle: Path, *, repo: str | None, private: bool | None, api: H
     """Check the bundle may be published, then diff it against the remote head."""
     loaded = _load_publishable(bundle)
     info = _build_info(loaded)
-    settings = (info.get("recipe") or {}).get("publish") or {}
-    target = repo or settings.get("repo")
+    settings = info.recipe.publish
+    target = repo or (settings.repo if settings else None)
     if not target:
         raise PublishError("no target repo", path=bundle, hint="pass --repo ORG/NAME or set publish.repo in the recipe")
     try:
         hub_repo_id(target)  # the recipe's rule: huggingface_hub's validator, as owner/name
     except ValueError as e:
         raise PublishError(str(e)) from None
-    visibility = private if private is not None else bool(settings.get("private", True))
+    visibility = private if private is not None else (settings.private if settings else True)
     plan = PublishPlan(
-        repo=target, bundle=loaded.path, build_id=loaded.build_id, recipe_name=str((info.get("recipe") or {}).get("name", "")),
+        repo=target, bundle=loaded.path, build_id=loaded.build_id, recipe_name=info.recipe.name,
         private=visibility, local=tuple(local_files(loaded)), remote=RemoteState(head=None),
     )
     return with_remote(plan, read_remote(api, target))
@@ -188,13 +179,16 @@ def _load_publishable(bundle: Path) -> package.Bundle:
     return loaded
 
 
-def _build_info(bundle: package.Bundle) -> dict[str, Any]:
+def _build_info(bundle: package.Bundle) -> package.BuildInfo:
     if package.BUILD_INFO not in bundle.files:
         raise PublishError(f"refusing to publish: no {package.BUILD_INFO}", path=bundle.path, hint="rebuild it with `convert`")
-    info: dict[str, Any] = json.loads((bundle.path / package.BUILD_INFO).read_text())
-    if info.get("build_id") != bundle.build_id:
+    try:
+        info = package.read_build_info(bundle.path)
+    except PackageError as e:
+        raise PublishError(f"refusing to publish: {e.message}", path=bundle.path, hint=e.hint) from e
+    if info.build_id != bundle.build_id:
         raise PublishError(
-            f"refusing to publish: {package.BUILD_INFO} names build {info.get('build_id')}, the manifest {bundle.build_id}",
+            f"refusing to publish: {package.BUILD_INFO} names build {info.build_id}, the manifest {bundle.build_id}",
             path=bundle.path, hint="rebuild it with `convert`",
         )
     return info
@@ -213,7 +207,7 @@ def read_remote(api: HfApi, repo: str) -> RemoteState:
     try:
         info = api.model_info(repo, files_metadata=True)
     except hf_errors.RepositoryNotFoundError as e:
-        if isinstance(e, hf_errors.GatedRepoError) or _status(e) in (401, 403):
+        if isinstance(e, hf_errors.GatedRepoError) or http_status(e) in (401, 403):
             raise _publish_error(e, repo, "reading the repo", "nothing was published") from e
         return RemoteState(head=None)
     except Exception as e:  # wrapped into one line by _publish_error
@@ -222,16 +216,7 @@ def read_remote(api: HfApi, repo: str) -> RemoteState:
 
 
 def _remote_state(info: ModelInfo) -> RemoteState:
-    files = {}
-    for s in info.siblings or []:
-        lfs = s.lfs
-        files[s.rfilename] = RemoteFile(
-            path=s.rfilename,
-            size=int(lfs.size if lfs is not None else (s.size or 0)),
-            sha256=lfs.sha256 if lfs is not None else None,
-            git_oid=s.blob_id,
-        )
-    return RemoteState(head=info.sha, files=files)
+    return RemoteState(head=info.sha, files={f.path: f for f in hub_files(info.siblings or [])})
 
 
 def with_remote(plan: PublishPlan, remote: RemoteState) -> PublishPlan:
@@ -244,13 +229,13 @@ def with_remote(plan: PublishPlan, remote: RemoteState) -> PublishPlan:
     return replace(plan, remote=remote, uploads=tuple(uploads), unchanged=tuple(unchanged), deletions=tuple(deletions))
 
 
-def _same(local: LocalFile, remote: RemoteFile | None, bundle: Path) -> bool:
-    """Equal content: LFS files by sha256; regular files by git blob id (the Hub gives no sha256 for them)."""
+def _same(local: LocalFile, remote: HubFile | None, bundle: Path) -> bool:
+    """Equal content: LFS files by sha256 (the manifest's, no re-hash); regular files by git blob id."""
     if remote is None or remote.size != local.size:
         return False
     if remote.sha256 is not None:
         return remote.sha256 == local.sha256
-    return remote.git_oid is not None and remote.git_oid == git_blob_id(bundle / local.path)
+    return same_content(bundle / local.path, remote)
 
 
 def _log_plan(plan: PublishPlan, dry_run: bool) -> None:
@@ -299,7 +284,7 @@ def _tag(api: HfApi, plan: PublishPlan, commit: str) -> None:
     try:
         api.create_tag(plan.repo, tag=plan.tag, revision=commit, tag_message=f"build {plan.build_id}")
     except hf_errors.HfHubHTTPError as e:
-        if _status(e) != 409:
+        if http_status(e) != 409:
             raise _publish_error(e, plan.repo, f"tagging {plan.tag}", after) from e
         with _hub_errors(plan.repo, f"reading the refs of {plan.tag}", after):
             refs = api.list_repo_refs(plan.repo)
@@ -329,18 +314,13 @@ def _hub_errors(repo: str, action: str, state: str) -> Iterator[None]:
         raise _publish_error(e, repo, action, state) from e
 
 
-def _status(error: BaseException) -> int | None:
-    response = getattr(error, "response", None)
-    return getattr(response, "status_code", None)
-
-
 def _publish_error(error: Exception, repo: str, action: str, state: str) -> PublishError:
     """One line per failure: what failed, where the remote was left, what to do; never request headers (the token)."""
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo}: {action} failed"
-    status = _status(error)
+    status = http_status(error)
     if isinstance(error, hf_errors.GatedRepoError):
         return PublishError(f"{where}: the repo is gated", hint="accept its licence on the Hub or publish elsewhere")
     if status == 412:

@@ -21,11 +21,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from convert.errors import RecipeError
+from convert.families import FAMILIES, PipelineFamily, get_family
 from convert.recipe_rules import (
     MAX_DENOISE_STEPS,
     SAMPLE_IMAGES,
@@ -51,20 +53,6 @@ WeightFormat = Literal["fp32", "fp16", "int8", "int4"]
 Precision = Literal["f32", "f16", "bf16"]
 Device = Literal["CPU", "GPU", "NPU"]
 
-#: Exported submodels of an SDXL pipeline, in export order; tokenizers are converted with openvino-tokenizers.
-SDXL_COMPONENTS: tuple[str, ...] = (
-    "text_encoder",
-    "text_encoder_2",
-    "unet",
-    "vae_decoder",
-    "vae_encoder",
-    "tokenizer",
-    "tokenizer_2",
-)
-#: Components that carry weights (tokenizers have none to compress).
-WEIGHTED_COMPONENTS: tuple[str, ...] = SDXL_COMPONENTS[:5]
-#: diffusers pipeline attributes that a recipe may substitute.
-SUBSTITUTABLE: tuple[str, ...] = ("vae", "unet", "text_encoder", "text_encoder_2")
 #: Components whose decode/encode the validation gate checks.
 VAE_PARTS: tuple[str, ...] = ("vae_decoder", "vae_encoder")
 
@@ -101,7 +89,7 @@ class LocalSource(_Strict):
 
 class GeneratedSource(_Strict):
     generator: Annotated[str, AfterValidator(generator_name)] = Field(
-        description="Name of a built-in generator in convert.synthetic (seeded random weights, no network)."
+        description="Name of a built-in generator in convert.testing (seeded random weights, no network)."
     )
     seed: int = Field(default=0, ge=0, lt=2**63, description="Seed for the generator; same seed, same bytes.")
     variant: Variant | None = Field(default=None, description="Weights variant the generator writes, e.g. 'fp16'.")
@@ -264,8 +252,10 @@ class Recipe(_Strict):
         description="Recipe name; names the output folder and the build: lowercase letters, digits, '.', '_', '-'."
     )
     description: str = Field(default="", description="One paragraph for the model card.")
-    pipeline: Literal["stable-diffusion-xl"] = Field(
-        default="stable-diffusion-xl", description="Pipeline family; selects loaders and exporters."
+    pipeline: str = Field(
+        default="stable-diffusion-xl",
+        description="Model family (convert/families): its components, loaders, exporters and validation inputs.",
+        json_schema_extra={"enum": sorted(FAMILIES)},
     )
     base: Source = Field(description="The base pipeline (diffusers layout).")
     substitutions: dict[str, Substitution] = Field(
@@ -281,24 +271,39 @@ class Recipe(_Strict):
         default=None, description="Upstream model id for the card's base_model; default: the base Hub repo."
     )
 
+    @field_validator("pipeline")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"unknown pipeline family '{short(value)}'{suggest(value, list(FAMILIES))}")
+        return value
+
+    # Component names depend on the family: field validators read the already validated
+    # `pipeline` (declared before them), so errors keep their field and YAML line.
     @field_validator("components")
     @classmethod
-    def _known_components(cls, value: dict[str, ComponentSettings]) -> dict[str, ComponentSettings]:
+    def _known_components(cls, value: dict[str, ComponentSettings], info: ValidationInfo) -> dict[str, ComponentSettings]:
+        family = _family_in(info)
+        if family is None:
+            return value
         for key, settings in value.items():
-            if key not in SDXL_COMPONENTS:
-                raise ValueError(f"unknown component '{short(key)}'{suggest(key, SDXL_COMPONENTS)}")
-            if key.startswith("tokenizer") and settings.weights != "fp32":
+            if key not in family.components:
+                raise ValueError(f"unknown component '{short(key)}'{suggest(key, family.components)}")
+            if key in family.tokenizers and settings.weights != "fp32":
                 raise ValueError(f"component '{key}' has no weights to store as {settings.weights}")
         return value
 
     @field_validator("substitutions")
     @classmethod
-    def _known_substitutions(cls, value: dict[str, Substitution]) -> dict[str, Substitution]:
+    def _known_substitutions(cls, value: dict[str, Substitution], info: ValidationInfo) -> dict[str, Substitution]:
+        family = _family_in(info)
+        if family is None:
+            return value
         for key in value:
             if key in VAE_PARTS:  # exported parts of the one diffusers `vae`
                 raise ValueError(f"cannot substitute '{key}' alone; did you mean 'vae'?")
-            if key not in SUBSTITUTABLE:
-                raise ValueError(f"cannot substitute '{short(key)}'{suggest(key, SUBSTITUTABLE)}")
+            if key not in family.substitutable:
+                raise ValueError(f"cannot substitute '{short(key)}'{suggest(key, family.substitutable)}")
         return value
 
     @model_validator(mode="after")
@@ -314,6 +319,10 @@ class Recipe(_Strict):
                                  "that repo's files: publish to a repo of your own")
         return self
 
+    @property
+    def family(self) -> PipelineFamily:
+        return get_family(self.pipeline)
+
     def settings_for(self, component: str) -> ComponentSettings:
         return self.components.get(component, ComponentSettings())
 
@@ -321,7 +330,13 @@ class Recipe(_Strict):
         return self.settings_for(component).inference_precision or list(self.target.inference_precision)
 
     def exported_components(self) -> list[str]:
-        return [c for c in SDXL_COMPONENTS if self.settings_for(c).export]
+        return [c for c in self.family.components if self.settings_for(c).export]
+
+
+def _family_in(info: ValidationInfo) -> PipelineFamily | None:
+    """The family of the recipe being validated; None when `pipeline` itself was invalid (reported there)."""
+    name = info.data.get("pipeline")
+    return FAMILIES.get(name) if isinstance(name, str) else None
 
 
 # ---------------------------------------------------------------------------- loading
@@ -469,5 +484,5 @@ def recipe_digest(recipe: Recipe) -> str:
 def json_schema() -> dict[str, Any]:
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "SDXL OpenVINO conversion recipe"
+    schema["title"] = "Diffusion pipeline to OpenVINO conversion recipe"
     return schema

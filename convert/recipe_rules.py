@@ -15,16 +15,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from convert.recipe_yaml import short
+from convert.testing import GENERATORS
 
-#: Names of convert.synthetic.GENERATORS, kept here so loading a recipe never imports torch
-#: (a test checks the two agree).
-GENERATOR_NAMES: tuple[str, ...] = (
-    "tiny-sdxl-base",
-    "tiny-sdxl-vae-fp16-fix",
-    "sdxl-base-shapes",
-    "sdxl-vae-shapes",
-    "sdxl-vae-shapes-fp16-fix",
-)
+#: Names of the offline generators (convert.testing, a light module: loading a recipe never imports torch).
+GENERATOR_NAMES: tuple[str, ...] = GENERATORS
 #: scikit-image sample images shipped inside its wheel (no download) that validate.inputs can
 #: turn into RGB: eagle and friends need pooch and the network; horse and the phantom are not uint8.
 SAMPLE_IMAGES: tuple[str, ...] = (
@@ -32,7 +26,7 @@ SAMPLE_IMAGES: tuple[str, ...] = (
     "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page",
     "retina", "rocket", "text",
 )
-#: The SDXL VAE maps 8x8 pixels to one latent: image sides must be multiples of it.
+#: The VAEs of every family here map 8x8 pixels to one latent: image sides must be multiples of it.
 VAE_SCALE_FACTOR = 8
 MAX_IMAGE_SIDE = 4096
 MAX_DENOISE_STEPS = 50

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from convert.disk import io_error
 from convert.errors import FetchError
+from convert.hub import HubFile, file_sha256, http_status, hub_files, root_cause
 from convert.recipe import Recipe, Source, recipe_digest
 from convert.workspace import Workspace
 
@@ -39,22 +39,10 @@ TOOL_PACKAGES: tuple[str, ...] = (
     "huggingface_hub",
     "safetensors",
 )
-#: Bump when convert/synthetic.py changes what a generator writes.
-GENERATOR_VERSION = 1
 
 
-@dataclass(frozen=True)
-class SourceFile:
-    """One file of a pinned source, with the hashes fetch verifies the download against.
-
-    The Hub publishes a sha256 only for LFS files; for small regular files it gives the git
-    blob id instead, which is just as good a check (sha1 of ``blob <size>\\0<bytes>``).
-    """
-
-    path: str
-    size: int
-    sha256: str | None  # None only for small non-LFS Hub files
-    git_oid: str | None = None  # git blob id of non-LFS Hub files
+#: A file of a pinned source (convert.hub.HubFile): fetch verifies the download against its hash.
+SourceFile = HubFile
 
 
 @dataclass(frozen=True)
@@ -173,14 +161,17 @@ def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> N
 def generated_dir(source: Source, workspace: Workspace) -> Path:
     assert source.generated is not None
     gen = source.generated
-    return workspace.generated_sources / f"{gen.generator}-seed{gen.seed}-v{GENERATOR_VERSION}"
+    from convert.testing import GENERATORS, generator_version  # light: hashes the generator's source
+
+    version = generator_version(gen.generator) if gen.generator in GENERATORS else "unknown"
+    return workspace.generated_sources / f"{gen.generator}-seed{gen.seed}-{version}"
 
 
 def materialize_generated(source: Source, workspace: Workspace) -> Path:
     """Build a generated source once; later builds reuse the folder (its name keys generator, seed, version)."""
-    from convert import synthetic  # torch/diffusers: only when a generated source is really used
+    from convert import testing
 
-    assert source.generated is not None
+    assert source.generated is not None  # its generator name was checked when the recipe loaded
     folder = generated_dir(source, workspace)
     if folder.is_dir():
         return folder
@@ -191,7 +182,7 @@ def materialize_generated(source: Source, workspace: Workspace) -> Path:
     # half-written source for the next one to reuse, and two builds never write into one folder.
     scratch = new_staging(workspace, f"generate-{folder.name}")
     try:
-        synthetic.generate(source.generated.generator, scratch / "out", source.generated.seed)
+        testing.generate(source.generated.generator, scratch / "out", source.generated.seed)
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(scratch / "out", folder)
@@ -220,14 +211,6 @@ def list_folder(folder: Path) -> list[str]:
     )
 
 
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resolve_hub(role: str, source: Source) -> ResolvedSource:
     from huggingface_hub import HfApi
 
@@ -239,31 +222,20 @@ def _resolve_hub(role: str, source: Source) -> ResolvedSource:
         raise hub_error(role, hub.repo, hub.revision, e) from e
     if not info.sha:
         raise FetchError(f"{role}: the Hub returned no commit for {hub.repo}@{hub.revision}")
-    files = tuple(_remote_files(info.siblings or []))
+    files = tuple(hub_files(info.siblings or []))
     log.info("%s: %s@%s -> %s", role, hub.repo, hub.revision, info.sha)
     return ResolvedSource(role=role, source=source, commit=info.sha, files=files)
-
-
-def _remote_files(siblings: Iterable[Any]) -> Iterable[SourceFile]:
-    for s in siblings:
-        lfs = getattr(s, "lfs", None)
-        sha = lfs.sha256 if lfs is not None else None
-        size = lfs.size if lfs is not None else (s.size or 0)
-        git_oid = None if lfs is not None else getattr(s, "blob_id", None)
-        yield SourceFile(path=s.rfilename, size=int(size or 0), sha256=sha, git_oid=git_oid)
 
 
 def hub_error(role: str, repo: str, revision: str, error: Exception, cache: Path | None = None) -> FetchError:
     """Map huggingface_hub's exceptions to one line that says what to do.
 
-    The client wraps a failed metadata request of a download into LocalEntryNotFoundError
-    ("not in the cache"), which hides a gated repo or a 500; the cause is what the user needs.
+    A wrapped cause (convert.hub.root_cause) is what the user needs.
     """
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
-    if isinstance(error, hf_errors.LocalEntryNotFoundError) and isinstance(error.__cause__, Exception):
-        error = error.__cause__
+    error = root_cause(error)
     name = f"{role}: {repo}@{revision}"
     if isinstance(error, hf_errors.GatedRepoError):
         return FetchError(
@@ -277,8 +249,7 @@ def hub_error(role: str, repo: str, revision: str, error: Exception, cache: Path
     if isinstance(error, hf_errors.RemoteEntryNotFoundError):
         return FetchError(f"{name}: file not found on the Hub", hint="check the subfolder/variant in the recipe")
     if isinstance(error, hf_errors.HfHubHTTPError):
-        response = getattr(error, "response", None)
-        status = response.status_code if response is not None else None
+        status = http_status(error)
         if status in (401, 403):
             return FetchError(f"{name}: access denied (HTTP {status})", hint="set HF_TOKEN to a token that can read it")
         return FetchError(f"{name}: the Hub answered HTTP {status}", hint="retry later; files already downloaded are reused")

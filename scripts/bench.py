@@ -156,7 +156,7 @@ def step_source(results: dict[str, Any]) -> None:
             results["source"] = {"wall_s": wall, "max_rss_gib": rss / GIB, "bytes": folder_bytes(SOURCE)}
         return
     code = ("import logging; logging.basicConfig(level=logging.INFO)\nfrom pathlib import Path\n"
-            "from convert.synthetic import generate\n"
+            "from convert.testing import generate\n"
             f"generate('sdxl-base-shapes', Path({str(SOURCE)!r}), 0)")
     m = measure([PYTHON, "-c", code], BENCH / "generate.log")
     if m.returncode:
@@ -224,7 +224,7 @@ def _speed(kind: str, bundle: Path, out: Path) -> None:
     rng = np.random.default_rng(0)
     if kind == "unet":
         model = core.read_model(bundle / "unet" / "openvino_model.xml")
-        from convert.export import example_inputs
+        from convert.testing.parity import example_inputs
 
         inputs = example_inputs(model, latent_side=128)
         t = time.monotonic()
@@ -259,7 +259,7 @@ def _parity(bundles: dict[str, str], out: Path) -> None:
     (~17 GiB for the full UNet), over what this shared machine may use; the int8 UNets
     are compared instead, and the tiny test compares every weight path bit for bit.
     """
-    from convert.export import submodel_parity
+    from convert.testing.parity import submodel_parity
 
     pairs = [("ours-fp16", "optimum-fp16", c, 16) for c in ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")]
     pairs.append(("ours-int8", "optimum-int8", "unet", 16))
@@ -366,7 +366,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {key} | {_ratio(a.get(field), b.get(field))} | <= 1.0x |")
     f32, f16 = speed.get("vae-f32:ours-fp16", {}), speed.get("vae-f16:ours-fp16", {})
     lines += ["", "## Issue 3: full-size overflow VAE decode at 1024x1024", "",
-              "The input's VAE is the overflow-prone SDXL-shaped VAE (convert/synthetic.py); measured on our fp16 bundle's vae_decoder.", "",
+              "The input's VAE is the overflow-prone SDXL-shaped VAE (convert/testing/sdxl.py); measured on our fp16 bundle's vae_decoder.", "",
               "| f32 | emulated f16 | ratio (target <= 1.5x) | peak RSS f32 / f16 | f16 non-finite |", "|---|---|---|---|---|",
               f"| {_fmt(f32.get('decode_s'), ' s')} | {_fmt(f16.get('decode_s'), ' s')} | {_ratio(f16.get('decode_s'), f32.get('decode_s'))} | "
               f"{_fmt(f32.get('max_rss_gib'), ' GiB', 2)} / {_fmt(f16.get('max_rss_gib'), ' GiB', 2)} | "

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.export import OV_XML, Parity, export_pipeline, rewrite_ir, submodel_parity
+from convert.export import OV_XML, export_pipeline, rewrite_ir
+from convert.testing.parity import Parity, submodel_parity
 from convert.fetch import FetchedSource
 from convert.patch import patch
 from convert.recipe import Recipe
@@ -58,7 +59,7 @@ def bundles(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     base = tiny_sources["tiny-sdxl-base"]
     recipe = _recipe(base)
     ours = tmp_path_factory.mktemp("ours")
-    patched = patch(FetchedSource("base", base, "local", ()), {}, {"base": False})
+    patched = patch(FetchedSource("base", base, "local", ()), {}, {"base": False}, recipe.family)
     export_pipeline(patched, recipe, ours, "parity")
     return ours, _reference(base, tmp_path_factory.mktemp("optimum"), recipe)
 

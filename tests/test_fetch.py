@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from convert.errors import FetchError
-from convert.fetch import PIPELINE_FOLDERS, parse_weight_name, select_files
+from convert.families.sdxl import SDXL
+from convert.fetch import parse_weight_name, select_files
 from convert.resolve import SourceFile
 
 SDXL_REPO = [
@@ -32,7 +33,8 @@ def files(paths: list[str]) -> list[SourceFile]:
 
 
 def select(paths: list[str], **kw: object) -> list[str]:
-    args = {"role": "base", "folders": list(PIPELINE_FOLDERS), "subfolder": None, "variant": None, "allow_pickle": False}
+    args = {"role": "base", "folders": list(SDXL.folders), "subfolder": None, "variant": None, "allow_pickle": False,
+            "family": SDXL}
     args.update(kw)
     return [f.path for f in select_files(files(paths), **args)]  # type: ignore[arg-type]
 
@@ -100,3 +102,35 @@ def test_sharded_weights_and_index_are_kept_together() -> None:
 )
 def test_weight_names(name: str, parsed: tuple[str, str | None] | None) -> None:
     assert parse_weight_name(name) == parsed
+
+
+SD3_REPO = [
+    "model_index.json", "sd3.5_medium.safetensors", "LICENSE.md", "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors", "text_encoder_3/config.json",
+    "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model-00002-of-00002.safetensors",
+    "text_encoder_3/model.safetensors.index.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+    "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_3/spiece.model", "tokenizer_3/tokenizer.json",
+    "tokenizer_3/tokenizer_config.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_sd3_repo_selects_t5_shards_and_its_sentencepiece_model() -> None:
+    from convert.families.sd3 import SD3
+
+    chosen = select(SD3_REPO, folders=list(SD3.folders), family=SD3)
+    assert "tokenizer_3/spiece.model" in chosen and "text_encoder_3/model-00002-of-00002.safetensors" in chosen
+    assert "text_encoder_3/model.safetensors.index.json" in chosen
+    assert "sd3.5_medium.safetensors" not in chosen and "LICENSE.md" not in chosen
+
+
+def test_sd3_repo_without_t5_fetches_without_it() -> None:
+    from convert.families.sd3 import SD3
+
+    without = [p for p in SD3_REPO if not p.startswith(("text_encoder_3/", "tokenizer_3/"))]
+    chosen = select(without, folders=list(SD3.folders), family=SD3)
+    assert "transformer/diffusion_pytorch_model.safetensors" in chosen
+    assert not any(p.startswith("text_encoder_3/") for p in chosen)
+    with pytest.raises(FetchError, match="no .safetensors weights in transformer/"):
+        select([p for p in SD3_REPO if not p.startswith("transformer/d")], folders=list(SD3.folders), family=SD3)

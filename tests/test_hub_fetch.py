@@ -23,6 +23,7 @@ from huggingface_hub import constants as hf_constants
 
 from convert.build import build
 from convert.errors import FetchError
+from convert.families.sdxl import SDXL
 from convert.fetch import FetchedSource, fetch
 from convert.recipe import HubSource, Source
 from convert.resolve import ResolvedSource, SourceFile, resolve_source
@@ -109,7 +110,7 @@ def hub_source(repo: str, revision: str = "main", **kw: str) -> Source:
 
 def resolve_and_fetch(role: str, source: Source, tmp: Path, dest: str = "view") -> tuple[ResolvedSource, FetchedSource]:
     resolved = resolve_source(role, source, Workspace(artifacts=tmp / "artifacts"), tmp)
-    return resolved, fetch(resolved, tmp / dest, cache_dir=tmp / "cache")
+    return resolved, fetch(resolved, tmp / dest, cache_dir=tmp / "cache", family=SDXL)
 
 
 def view(fetched: FetchedSource, root: Path) -> dict[str, str]:
@@ -176,7 +177,7 @@ def test_cached_source_is_fetched_while_the_hub_is_down(hub_server: HubServer, p
     resolved, _ = resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path, dest="first")
     start = len(hub_server.requests_log())
     hub_server.fail_next("GET", rf"^/api/models/{repo}", status=503)
-    again = fetch(resolved, tmp_path / "second", cache_dir=tmp_path / "cache")
+    again = fetch(resolved, tmp_path / "second", cache_dir=tmp_path / "cache", family=SDXL)
     assert [s for _, _, s in hub_server.requests_log()[start:]] == [503]  # the one listing call failed; nothing else asked
     assert again.bytes_downloaded == 0
     assert view(again, again.path) == {p: sha(files[p]) for p in EXPECTED_FP16}
@@ -189,10 +190,10 @@ def test_partially_cached_source_while_the_hub_is_down_says_retry(
     resolved = resolve_source("base", hub_source(repo, variant="fp16"), Workspace(artifacts=tmp_path), tmp_path)
     hub_server.fail_next("GET", rf"^/{repo}/resolve/.*/unet/diffusion_pytorch_model\.fp16\.safetensors$", status=500)
     with pytest.raises(FetchError):
-        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")  # everything else is cached now
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)  # everything else is cached now
     hub_server.fail_next("GET", rf"^/api/models/{repo}", status=503)
     with pytest.raises(FetchError) as info:
-        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert str(info.value).startswith("base: unet/diffusion_pytorch_model.fp16.safetensors could not be downloaded")
     assert "; retry (the Hub may be unreachable)" in str(info.value)
 
@@ -229,7 +230,7 @@ def test_revision_moved_between_resolve_and_fetch_keeps_the_pin(hub_server: HubS
     hf_api.upload_file(path_or_fileobj=new_weights, path_in_repo="diffusion_pytorch_model.safetensors", repo_id=new_repo_id)
     assert hub_server.head(new_repo_id) != old_commit
 
-    fetched = fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+    fetched = fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert fetched.commit == old_commit
     got = (fetched.path / "diffusion_pytorch_model.safetensors").read_bytes()
     assert got == old["diffusion_pytorch_model.safetensors"] and got != new_weights
@@ -245,7 +246,7 @@ def test_corrupt_download_is_refused_evicted_and_refetched(hub_server: HubServer
     resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     hub_server.corrupt_blob(new_repo_id, path)
     with pytest.raises(FetchError) as info:
-        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     kind = "sha256" if path.endswith(".safetensors") else "git blob id"
     assert f"substitutions.vae: {kind} mismatch for {path}" in str(info.value)
     assert "run again to download it afresh" in str(info.value)
@@ -254,7 +255,7 @@ def test_corrupt_download_is_refused_evicted_and_refetched(hub_server: HubServer
     assert not any(b.name in (target.sha256, target.git_oid) for b in blobs), "the corrupt blob stays cached"
 
     hub_server.corrupt_blob(new_repo_id, path)  # flipping the byte again restores the original
-    fetched = fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+    fetched = fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert (fetched.path / path).read_bytes() == vae_files(new_repo_id)[path]
 
 
@@ -350,7 +351,7 @@ def test_file_missing_from_the_pinned_commit(hf_api: HfApi, new_repo_id: str, tm
     stale = ResolvedSource(resolved.role, Source(hub=HubSource(repo=new_repo_id, variant="fp16")), resolved.commit,
                            (*resolved.files, ghost))
     with pytest.raises(FetchError) as info:
-        fetch(stale, tmp_path / "view", cache_dir=tmp_path / "cache")
+        fetch(stale, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert str(info.value) == (
         f"substitutions.vae: diffusion_pytorch_model.fp16.safetensors could not be downloaded from "
         f"{new_repo_id}@{resolved.commit}; retry (the Hub may be unreachable); if it persists, check the "
@@ -364,7 +365,7 @@ def test_gated_repo_says_accept_the_licence_and_set_hf_token(hub_server: HubServ
     hub_server.set_gated(new_repo_id)
     resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     with pytest.raises(FetchError) as info:
-        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert str(info.value) == (
         f"substitutions.vae: {new_repo_id}@{resolved.commit} is gated; accept the licence at "
         f"{hub_server.url}/{new_repo_id} and set HF_TOKEN to a token of that account"
@@ -394,7 +395,7 @@ def test_unwritable_hf_cache_says_cannot_write(hf_api: HfApi, new_repo_id: str, 
     cache = tmp_path / "cache-file"
     cache.write_text("not a folder")
     with pytest.raises(FetchError) as info:
-        fetch(resolved, tmp_path / "view", cache_dir=cache)
+        fetch(resolved, tmp_path / "view", cache_dir=cache, family=SDXL)
     message = str(info.value)
     assert f"substitutions.vae: {new_repo_id}@" in message and f"cannot write {cache}" in message, message
     assert "HF_HUB_CACHE" in message and not (tmp_path / "view").exists()
@@ -408,7 +409,7 @@ def test_download_that_cannot_fit_the_cache_is_refused_before_it_starts(
     monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", str(2**40))  # a reserve larger than any disk
     start = len(hub_server.requests_log())
     with pytest.raises(FetchError) as info:
-        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache")
+        fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert str(info.value).startswith(f"substitutions.vae: no space left on {tmp_path / 'cache'}, need about 0.1 GiB; ")
     assert "set HF_HUB_CACHE to another disk" in str(info.value)
     assert not [p for m, p, _ in resolve_requests(hub_server, new_repo_id, start) if m == "GET"]

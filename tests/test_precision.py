@@ -168,8 +168,8 @@ def _decoder(name: str, vae: torch.nn.Module, z: torch.Tensor) -> Decoder:
 
 @pytest.fixture(scope="module")
 def decoders() -> Iterator[dict[str, Decoder]]:
-    """The overflow-prone tiny SDXL VAE and its FP16-fixed twin (convert/synthetic.py)."""
-    from convert.synthetic import build_overflow_vae, fix_vae_for_fp16
+    """The overflow-prone tiny SDXL VAE and its FP16-fixed twin (convert/testing/sdxl.py)."""
+    from convert.testing.sdxl import build_overflow_vae, fix_vae_for_fp16
 
     original = build_overflow_vae("tiny")
     scaling = original.config.scaling_factor

@@ -59,7 +59,7 @@ class HubBuild:
 
 def _seed_upstream(api: HfApi, root: Path, suffix: str) -> tuple[str, str, dict[str, str]]:
     """The generated tiny pipeline as an upstream repo (with an fp16 variant and distractors) and the fixed VAE."""
-    from convert.synthetic import generate
+    from convert.testing import generate
 
     base, vae = generate("tiny-sdxl-base", root / "base", 0), generate("tiny-sdxl-vae-fp16-fix", root / "vae", 0)
     for weights in list(base.rglob("*.safetensors")):  # the variant a recipe asks for (fp32 bytes: fine to load)
@@ -162,7 +162,8 @@ def test_hub_round_trip_convert_publish_download_generate(hub_server: HubServer,
     # a second run reuses the HF cache: 0 bytes, not a single file request
     start = len(hub_server.requests_log())
     resolution = resolve(load_recipe(hub_build.recipe), hub_build.recipe, hub_build.workspace)
-    again = [fetch(s, tmp_path / "refetch" / s.role, cache_dir=hub_build.workspace.hf_cache) for s in resolution.sources]
+    again = [fetch(s, tmp_path / "refetch" / s.role, cache_dir=hub_build.workspace.hf_cache,
+                   family=resolution.recipe.family) for s in resolution.sources]
     assert resolution.build_id == hub_build.result.build_id and [f.bytes_downloaded for f in again] == [0, 0]
     assert [p for _, p, _ in hub_server.requests_log()[start:] if "/resolve/" in p] == []
 

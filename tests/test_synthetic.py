@@ -1,4 +1,4 @@
-"""Tests for convert.synthetic: the overflow-prone VAE pair and the tiny SDXL pipeline.
+"""Tests for convert.testing (the generators): the overflow-prone VAE pair and the tiny SDXL pipeline.
 
 The VAE tests use real torch half on CPU (slow per op, so latents are at most 8x8) as the ground
 truth for "this overflows FP16", independent of any OpenVINO emulation.
@@ -23,14 +23,13 @@ from skimage import data
 from skimage.transform import resize
 from torch import nn
 
-from convert.synthetic import (
-    GENERATORS,
+from convert.testing import GENERATORS, generate, generator_version
+from convert.testing.sdxl import (
     build_full_sdxl_pipeline,
     build_overflow_vae,
     build_tiny_sdxl_pipeline,
     build_tokenizers,
     fix_vae_for_fp16,
-    generate,
     write_pipeline,
     write_vae,
 )
@@ -370,7 +369,25 @@ def test_registry_lists_the_documented_generators() -> None:
         "sdxl-base-shapes",
         "sdxl-vae-shapes",
         "sdxl-vae-shapes-fp16-fix",
+        "tiny-sd35-medium",
     }
+
+
+def test_generator_version_is_the_hash_of_its_source() -> None:
+    import hashlib
+
+    import convert.testing.sd3 as sd3_module
+    import convert.testing.sdxl as sdxl_module
+    from convert.recipe import GeneratedSource, Source
+    from convert.resolve import generated_dir
+    from convert.workspace import Workspace
+
+    sdxl_source = Path(sdxl_module.__file__).read_bytes()
+    assert generator_version("tiny-sdxl-base") == hashlib.sha256(sdxl_source).hexdigest()[:12]
+    both = hashlib.sha256(Path(sd3_module.__file__).read_bytes() + sdxl_source).hexdigest()[:12]
+    assert generator_version("tiny-sd35-medium") == both  # SD3's generator builds on the SDXL one
+    folder = generated_dir(Source(generated=GeneratedSource(generator="tiny-sdxl-base", seed=3)), Workspace(Path("/a")))
+    assert folder == Path("/a/sources") / f"tiny-sdxl-base-seed3-{generator_version('tiny-sdxl-base')}"
 
 
 # --------------------------------------------------------------------------- full size (opt-in)

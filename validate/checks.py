@@ -29,10 +29,6 @@ IO_NAMES = {"vae_decoder": ("latent_sample", "sample"), "vae_encoder": ("sample"
 FIX_HINT = "substitute an FP16-fixed VAE (recipe key substitutions.vae) or run it at f32 (target.inference_precision)"
 
 
-def native_resolution(pipeline: Any) -> int:
-    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
-
-
 def describe_checks(recipe: Recipe) -> list[str]:
     """The plan's view of the gate (no heavy imports)."""
     v = recipe.validation
@@ -86,7 +82,7 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
     pipeline = patched.pipeline
     original_vae = patched.originals.get("vae", pipeline.vae)
     reference = _Reference(original_vae.float())
-    full = settings.resolution or native_resolution(pipeline)
+    full = settings.resolution or patched.family.native_resolution(pipeline)
     small = min(full, settings.small_resolution)
     sets: list[InputSet] = []
     n_full = min(settings.full_resolution_images, len(settings.images))
@@ -97,7 +93,7 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
             sets.append(image_set(original_vae, settings.images[n_full:], small))
         if settings.denoise_steps and "vae_decoder" in settings.components:
             notify(f"validate: {settings.denoise_steps}-step denoising run of the exported pipeline at {small}x{small}")
-            sets.append(denoised_set(bundle_dir, settings.prompt, settings.denoise_steps, small))
+            sets.append(denoised_set(bundle_dir, patched.family, settings.prompt, settings.denoise_steps, small))
 
     report = ValidationReport(
         checks=[],

@@ -1,6 +1,7 @@
 """Realistic validation inputs: random latents can miss the overflow, real ones don't.
 
-Two sources, both in the decoder's input space (pipeline latents / scaling_factor):
+Two sources, both in the decoder's input space (pipeline latents / scaling_factor, plus
+shift_factor where the family's VAE has one):
 latents from encoding real photographs with the reference (original) VAE, and
 latents produced by a short denoising run of the exported pipeline itself.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from convert.families import PipelineFamily
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +70,33 @@ def image_set(vae: Any, names: list[str], size: int) -> InputSet:
     )
 
 
-def denoised_set(bundle_dir: Path, prompt: str, steps: int, size: int, seed: int = 0) -> InputSet:
-    """Run the exported pipeline itself for a few steps and take its latents."""
-    from optimum.intel import OVStableDiffusionXLPipeline
+def _denoise_size(family: PipelineFamily, size: int) -> dict[str, Any]:
+    """text-to-image takes the size; image-to-image takes it from its input image (all steps run: strength 1)."""
+    if family.task != "image-to-image":
+        return {"height": size, "width": size}
+    from PIL import Image
 
-    pipe = OVStableDiffusionXLPipeline.from_pretrained(bundle_dir, device="CPU", compile=True)
+    photo = (sample_images(["astronaut"], size)[0].transpose(1, 2, 0) + 1.0) * 127.5
+    return {"image": Image.fromarray(photo.round().clip(0, 255).astype(np.uint8)), "strength": 1.0}
+
+
+def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: int, size: int, seed: int = 0) -> InputSet:
+    """Run the exported pipeline itself (the family's optimum-intel class) for a few steps and take its latents."""
+    import optimum.intel
+
+    pipe = getattr(optimum.intel, family.optimum_class).from_pretrained(bundle_dir, device="CPU", compile=True)
     result = pipe(
         prompt,
         num_inference_steps=steps,
-        height=size,
-        width=size,
         output_type="latent",
         generator=np.random.RandomState(seed),
+        **_denoise_size(family, size),
     )
     latents = np.asarray(result.images, dtype=np.float32)
-    scaling = float(pipe.vae_decoder.config.get("scaling_factor", 0.13025))
+    decoder_input, how = family.decoder_latents(latents, pipe.vae_decoder.config)
     del pipe
     return InputSet(
         name=f"denoise@{size}",
-        description=f"{steps}-step run of the exported pipeline at {size}x{size} ('{prompt}'), latents / {scaling}",
-        latents=latents / scaling,
+        description=f"{steps}-step run of the exported pipeline at {size}x{size} ('{prompt}'), {how}",
+        latents=decoder_input,
     )

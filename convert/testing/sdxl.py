@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # diffusers/transformers cost seconds to import: only load th
     from transformers import CLIPTokenizer
 
 __all__ = [
-    "GENERATORS", "Size", "build_full_sdxl_pipeline", "build_overflow_vae", "build_tiny_sdxl_pipeline",
-    "build_tokenizers", "fix_vae_for_fp16", "generate", "write_pipeline", "write_vae",
+    "Size", "build_full_sdxl_pipeline", "build_overflow_vae", "build_tiny_sdxl_pipeline", "build_tokenizers",
+    "fix_vae_for_fp16", "sdxl_base_shapes", "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base",
+    "tiny_sdxl_vae_fp16_fix", "write_pipeline", "write_vae",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -507,45 +508,24 @@ def write_vae(vae: AutoencoderKL, out_dir: Path) -> Path:
     return out_dir
 
 
-# --------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------- generators (see convert.testing)
 
 
-def _tiny_sdxl_base(out_dir: Path, seed: int) -> Path:
+def tiny_sdxl_base(out_dir: Path, seed: int) -> Path:
     return write_pipeline(build_tiny_sdxl_pipeline(seed), out_dir)
 
 
-def _tiny_sdxl_vae_fp16_fix(out_dir: Path, seed: int) -> Path:
+def tiny_sdxl_vae_fp16_fix(out_dir: Path, seed: int) -> Path:
     return write_vae(fix_vae_for_fp16(build_overflow_vae("tiny", seed)), out_dir)
 
 
-def _sdxl_base_shapes(out_dir: Path, seed: int) -> Path:
+def sdxl_base_shapes(out_dir: Path, seed: int) -> Path:
     return write_pipeline(build_full_sdxl_pipeline(seed, torch.float16), out_dir, variant="fp16")
 
 
-def _sdxl_vae_shapes(out_dir: Path, seed: int) -> Path:
+def sdxl_vae_shapes(out_dir: Path, seed: int) -> Path:
     return write_vae(build_overflow_vae("full", seed), out_dir)
 
 
-def _sdxl_vae_shapes_fp16_fix(out_dir: Path, seed: int) -> Path:
+def sdxl_vae_shapes_fp16_fix(out_dir: Path, seed: int) -> Path:
     return write_vae(fix_vae_for_fp16(build_overflow_vae("full", seed)), out_dir)
-
-
-GENERATORS: Mapping[str, Callable[[Path, int], Path]] = MappingProxyType(
-    {
-        "tiny-sdxl-base": _tiny_sdxl_base,
-        "tiny-sdxl-vae-fp16-fix": _tiny_sdxl_vae_fp16_fix,
-        "sdxl-base-shapes": _sdxl_base_shapes,
-        "sdxl-vae-shapes": _sdxl_vae_shapes,
-        "sdxl-vae-shapes-fp16-fix": _sdxl_vae_shapes_fp16_fix,
-    }
-)
-
-
-def generate(name: str, out_dir: Path, seed: int = 0) -> Path:
-    """Run the generator ``name`` into ``out_dir``; unknown names list the known ones."""
-    try:
-        generator = GENERATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown synthetic generator {name!r}; known: {', '.join(sorted(GENERATORS))}") from None
-    logger.info("generating %s (seed %d) into %s", name, seed, out_dir)
-    return generator(Path(out_dir), seed)

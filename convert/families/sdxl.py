@@ -1,0 +1,103 @@
+"""Stable Diffusion XL (base and finetunes): two CLIP text encoders, a UNet, a 4-channel VAE.
+
+What optimum-intel 2.2's `get_diffusion_models_for_export_ext` does for SDXL, as data:
+the submodels and their preparation, and the ACTIVATIONS_SCALE_FACTOR it writes for
+force_upcast VAEs (the SDXL VAE overflows f16; see /work/shared/notes/fp16-numerics.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from convert.families.base import (
+    CLIP_TOKENIZER_FILES,
+    Config,
+    LatentSpace,
+    PipelineFamily,
+    SubmodelSpec,
+    frozen,
+    prepare_clip_hidden_states,
+    prepare_vae_decoder,
+    prepare_vae_encoder,
+    same_config,
+    vae_fit,
+)
+
+#: what optimum-intel writes for SDXL VAEs with force_upcast
+VAE_SCALE_FACTOR = "128.0"
+
+
+def _prepare_text_encoder(model: Any, pipeline: Any) -> Any:
+    """SDXL reads hidden states of every layer: export them, as optimum does."""
+    from convert.optimum_compat import diffusers_submodel_type
+
+    model = prepare_clip_hidden_states(model, pipeline)
+    model.config.export_model_type = diffusers_submodel_type(model)
+    return model
+
+
+def _prepare_unet(model: Any, pipeline: Any) -> Any:
+    """The config fields optimum adds before exporting an SDXL UNet (they shape its inputs)."""
+    from convert.optimum_compat import diffusers_submodel_type
+
+    model.config.model_max_length = getattr(pipeline.tokenizer_2, "model_max_length", None)
+    model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
+    model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
+    model.config.text_encoder_projection_dim = pipeline.text_encoder_2.config.projection_dim
+    model.config.export_model_type = diffusers_submodel_type(model)
+    return model
+
+
+def _vae_runtime_options(pipeline: Any) -> dict[str, str]:
+    if getattr(pipeline.vae.config, "force_upcast", False):
+        return {"ACTIVATIONS_SCALE_FACTOR": VAE_SCALE_FACTOR}
+    return {}
+
+
+def _pipeline_options(index: Config) -> dict[str, Any]:
+    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+            "add_watermarker": False}
+
+
+_TEXT_ENCODER_FITS = same_config("text_encoder", "text encoder",
+                                 ("hidden_size", "projection_dim", "num_hidden_layers", "vocab_size"),
+                                 "substitute a text encoder of the same architecture")
+
+SDXL = PipelineFamily(
+    name="stable-diffusion-xl",
+    description="Stable Diffusion XL (StableDiffusionXLPipeline): CLIP-L + OpenCLIP-bigG, UNet, 4-channel VAE",
+    diffusers_class="StableDiffusionXLPipeline",
+    optimum_class="OVStableDiffusionXLPipeline",
+    genai_class="Text2ImagePipeline",
+    submodels=(
+        SubmodelSpec("text_encoder", "text_encoder", "feature-extraction", None, _prepare_text_encoder),
+        SubmodelSpec("text_encoder_2", "text_encoder_2", "feature-extraction", None, _prepare_text_encoder),
+        SubmodelSpec("unet", "unet", "semantic-segmentation", None, _prepare_unet),
+        SubmodelSpec("vae_decoder", "vae", "semantic-segmentation", "vae-decoder", prepare_vae_decoder,
+                     _vae_runtime_options),
+        SubmodelSpec("vae_encoder", "vae", "semantic-segmentation", "vae-encoder", prepare_vae_encoder,
+                     _vae_runtime_options),
+    ),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    loaders=frozen({
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "unet": ("diffusers", "UNet2DConditionModel"),
+    }),
+    denoiser="unet",
+    fit_checks=frozen({
+        "vae": vae_fit("UNet", "substitute a VAE trained for this pipeline family "
+                               "(for SDXL: an SDXL VAE such as sdxl-vae-fp16-fix)"),
+        "unet": same_config("unet", "unet",
+                            ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                             "addition_time_embed_dim", "projection_class_embeddings_input_dim"),
+                            "substitute a UNet of the same architecture (an SDXL finetune)"),
+        "text_encoder": _TEXT_ENCODER_FITS,
+        "text_encoder_2": _TEXT_ENCODER_FITS,
+    }),
+    tokenizer_files=CLIP_TOKENIZER_FILES,
+    latents=LatentSpace(channels=4, scaling_factor=0.13025),
+    tags=("stable-diffusion-xl",),
+    pipeline_options=_pipeline_options,
+)
