@@ -370,6 +370,7 @@ def test_registry_lists_the_documented_generators() -> None:
         "sdxl-vae-shapes",
         "sdxl-vae-shapes-fp16-fix",
         "tiny-sd35-medium",
+        "tiny-sdxl-refiner",
     }
 
 
