@@ -1,0 +1,167 @@
+"""The recipe's `fp16_fix` per VAE part, carried out: rescale in the patch stage, scale factors after export.
+
+* `rescale` (patch stage): `convert.rescale` on the loaded VAE from activations measured on
+  the recipe's validation photos; the rescaled VAE is written to the staging folder and
+  exported in place of the loaded one. The unpatched VAE stays the yardstick.
+* `runtime-scale` (after export): the smallest power of two whose emulated f16 run, as
+  the GPU plugin rewrites the graph, passes with the recipe's headroom and PSNR floor is
+  written to the IR's runtime_options/ACTIVATIONS_SCALE_FACTOR; none passing: no factor,
+  and the gate fails the part.
+* `none`, `substitute`, `rescale`: the IR carries no ACTIVATIONS_SCALE_FACTOR unless the
+  recipe's runtime_options sets one. optimum-intel writes 128 for force_upcast VAEs, which
+  only an Intel GPU honours; the gate must judge what every f16 device runs.
+
+Each part leaves a record (mode, scales or factors tried, fidelity) for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.recipe import VAE_PARTS, Recipe
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+CODER = {"vae_decoder": "decoder", "vae_encoder": "encoder"}
+IN_NAME = {"vae_decoder": "latent_sample", "vae_encoder": "sample"}
+
+
+_PLAN = {
+    "substitute": "the substituted VAE",
+    "rescale": "weights rescaled from activations measured on the validation photos (patch stage)",
+    "runtime-scale": "smallest power-of-two ACTIVATIONS_SCALE_FACTOR passing emulated f16, written to rt_info",
+    "none": "no fix; any ACTIVATIONS_SCALE_FACTOR from optimum-intel removed",
+}
+
+
+def describe(recipe: Recipe) -> list[str]:
+    """The plan's lines for each exported VAE part's fp16_fix (no heavy imports)."""
+    return [f"{part} fp16_fix {recipe.fp16_fix_for(part)}: {_PLAN[recipe.fp16_fix_for(part)]}"
+            for part in VAE_PARTS if recipe.settings_for(part).export]
+
+
+def _photos(recipe: Recipe) -> np.ndarray:
+    from validate.inputs import sample_images
+
+    return sample_images(recipe.validation.images, recipe.validation.small_resolution)
+
+
+def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) -> list[dict[str, Any]]:
+    """Apply `rescale` to the VAE parts that ask for it; point the export at the rescaled weights."""
+    import torch
+
+    from convert.patch import weight_source
+    from convert.rescale import rescale_vae, vae_inputs
+    from convert.synthetic import write_vae
+
+    parts = [p for p in VAE_PARTS if recipe.settings_for(p).export and recipe.fp16_fix_for(p) == "rescale"]
+    if not parts:
+        return []
+    notify(f"patch: rescaling {', '.join(parts)} for f16 from measured activations")
+    vae = patched.pipeline.vae
+    inputs = vae_inputs(vae, _photos(recipe))
+    headroom = recipe.validation.min_f16_headroom
+    fixed, plans = rescale_vae(vae, {CODER[p]: inputs[CODER[p]] for p in parts}, headroom)  # type: ignore[misc]
+    write_vae(fixed, folder)
+    reloaded = weight_source("vae", folder, False).load("fp32")  # what the export stage will read (eps as diffusers sets it)
+    records = []
+    with torch.no_grad():
+        for part, plan in zip(parts, plans, strict=True):
+            x = inputs[plan.coder]
+            run = (lambda m, b: m.decode(b).sample) if part == "vae_decoder" else (lambda m, b: m.encode(b).latent_dist.mean)
+            before = torch.cat([run(vae, x[i : i + 1]) for i in range(x.shape[0])]).numpy()
+            after = torch.cat([run(reloaded, x[i : i + 1]) for i in range(x.shape[0])]).numpy()
+            records.append({
+                "part": part, "mode": "rescale", "plan": plan.describe(),
+                "stream_scale": plan.stream_scale, "conv1_scales": dict(plan.branch_scales),
+                "measured_peak": plan.stream_peak, "headroom": headroom,
+                "f32_psnr_db_vs_unpatched": _psnr(after, before, part),
+            })  # fmt: skip
+    patched.originals.setdefault("vae", vae)
+    patched.substituted["vae"] = f"{patched.substituted.get('vae', 'base')} rescaled for f16 ({', '.join(parts)})"
+    patched.weights["vae"] = weight_source("vae", folder, False)
+    patched.pipeline.vae = reloaded
+    patched.checks.extend(r["plan"] for r in records)
+    return records
+
+
+def _psnr(out: np.ndarray, ref: np.ndarray, part: str) -> float:
+    """PSNR as the gate computes it: images over [-1, 1], latents over their own range."""
+    from validate.metrics import psnr
+
+    if part == "vae_decoder":
+        return psnr(out, ref, 2.0)
+    return psnr(out, ref, float(np.ptp(ref)) or 1.0)
+
+
+def runtime_stage(bundle_dir: Path, recipe: Recipe, patched: Any, exported: list[Any], notify: Progress
+                  ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Write or strip ACTIVATIONS_SCALE_FACTOR in the VAE IRs as each part's fp16_fix says; judge `rescale` parts."""
+    import openvino as ov
+
+    from convert.export import save_atomically
+    from validate.activation_scaling import KEY, choose_factor, judge_factor, runtime_factor, set_runtime_factor
+
+    core = ov.Core()
+    done, records = [], []
+    for component in exported:
+        if component.name not in VAE_PARTS:
+            done.append(component)
+            continue
+        part, mode = component.name, recipe.fp16_fix_for(component.name)
+        model = core.read_model(component.xml)
+        before = runtime_factor(model)
+        factor = float(recipe.settings_for(part).runtime_options[KEY]) if KEY in recipe.settings_for(part).runtime_options else None
+        if mode in ("runtime-scale", "rescale"):
+            inputs, references = _judging_inputs(patched, recipe, part)
+            fidelity = lambda out, ref, p=part: _psnr(out if p == "vae_decoder" else out[:, : out.shape[1] // 2], ref, p)  # noqa: E731
+            margin = (recipe.validation.min_psnr_db, recipe.validation.min_f16_headroom)
+        if mode == "runtime-scale":
+            notify(f"export: {part}: choosing ACTIVATIONS_SCALE_FACTOR under emulated f16")
+            factor, trials = choose_factor(core, model, inputs, references, fidelity, *margin)
+            records.append({"part": part, "mode": mode, "chosen_factor": factor,
+                            "tried": [t.summary() for t in trials]})
+        elif mode == "rescale":
+            trial = judge_factor(core, model, factor, inputs, references, fidelity, *margin)
+            records.append({"part": part, "mode": mode, "f16_emulated": trial.summary(),
+                            "f16_non_finite": trial.non_finite, "f16_values": trial.total,
+                            "f16_psnr_db": trial.psnr_db, "f16_max_abs": trial.max_abs})
+        if factor != before:
+            set_runtime_factor(model, factor)
+            save_atomically(model, component.xml, compress_to_fp16=False)
+            log.info("%s: %s %s -> %s", part, KEY, before, factor)
+        options = {k: v for k, v in component.runtime_options.items() if k != KEY}
+        done.append(replace(component, runtime_options=options | ({KEY: f"{factor}"} if factor else {})))
+        del model
+    return done, records
+
+
+def _judging_inputs(patched: Any, recipe: Recipe, part: str) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """The validation photos (small resolution) and the unpatched VAE's f32 outputs for them."""
+    import torch
+
+    from validate.inputs import encode_images
+
+    original = patched.originals.get("vae", patched.pipeline.vae)
+    photos = _photos(recipe)
+    x = encode_images(original, photos) if part == "vae_decoder" else photos
+    with torch.no_grad():
+        run = (lambda b: original.decode(b).sample) if part == "vae_decoder" else (
+            lambda b: original.encode(b).latent_dist.parameters[:, : original.config.latent_channels])
+        references = [run(torch.from_numpy(x[i : i + 1])).float().numpy() for i in range(x.shape[0])]
+    return [{IN_NAME[part]: x[i : i + 1]} for i in range(x.shape[0])], references
+
+
+def merge_records(patch_records: list[dict[str, Any]], runtime_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per part: the patch stage's plan and fidelity joined with the post-export judgement."""
+    merged: dict[str, dict[str, Any]] = {}
+    for record in [*patch_records, *runtime_records]:
+        merged.setdefault(record["part"], {}).update(record)
+    return list(merged.values())
