@@ -20,16 +20,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from convert.recipe import VAE_PARTS, Recipe
 
+if TYPE_CHECKING:
+    from convert.rescale import Coder
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-CODER = {"vae_decoder": "decoder", "vae_encoder": "encoder"}
+CODER: dict[str, Coder] = {"vae_decoder": "decoder", "vae_encoder": "encoder"}
 IN_NAME = {"vae_decoder": "latent_sample", "vae_encoder": "sample"}
 
 
@@ -55,8 +58,6 @@ def _photos(recipe: Recipe) -> np.ndarray:
 
 def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) -> list[dict[str, Any]]:
     """Apply `rescale` to the VAE parts that ask for it; point the export at the rescaled weights."""
-    import torch
-
     from convert.patch import weight_source
     from convert.rescale import rescale_vae, vae_inputs
     from convert.synthetic import write_vae
@@ -68,28 +69,33 @@ def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) 
     vae = patched.pipeline.vae
     inputs = vae_inputs(vae, _photos(recipe))
     headroom = recipe.validation.min_f16_headroom
-    fixed, plans = rescale_vae(vae, {CODER[p]: inputs[CODER[p]] for p in parts}, headroom)  # type: ignore[misc]
+    fixed, plans = rescale_vae(vae, {CODER[p]: inputs[CODER[p]] for p in parts}, headroom)
     write_vae(fixed, folder)
     reloaded = weight_source("vae", folder, False).load("fp32")  # what the export stage will read (eps as diffusers sets it)
     records = []
-    with torch.no_grad():
-        for part, plan in zip(parts, plans, strict=True):
-            x = inputs[plan.coder]
-            run = (lambda m, b: m.decode(b).sample) if part == "vae_decoder" else (lambda m, b: m.encode(b).latent_dist.mean)
-            before = torch.cat([run(vae, x[i : i + 1]) for i in range(x.shape[0])]).numpy()
-            after = torch.cat([run(reloaded, x[i : i + 1]) for i in range(x.shape[0])]).numpy()
-            records.append({
-                "part": part, "mode": "rescale", "plan": plan.describe(),
-                "stream_scale": plan.stream_scale, "conv1_scales": dict(plan.branch_scales),
-                "measured_peak": plan.stream_peak, "headroom": headroom,
-                "f32_psnr_db_vs_unpatched": _psnr(after, before, part),
-            })  # fmt: skip
+    for part, plan in zip(parts, plans, strict=True):
+        before, after = (_f32_outputs(v, part, inputs[plan.coder]) for v in (vae, reloaded))
+        records.append({
+            "part": part, "mode": "rescale", "plan": plan.describe(),
+            "stream_scale": plan.stream_scale, "conv1_scales": dict(plan.branch_scales),
+            "measured_peak": plan.stream_peak, "headroom": headroom,
+            "f32_psnr_db_vs_unpatched": _psnr(after, before, part),
+        })  # fmt: skip
     patched.originals.setdefault("vae", vae)
     patched.substituted["vae"] = f"{patched.substituted.get('vae', 'base')} rescaled for f16 ({', '.join(parts)})"
     patched.weights["vae"] = weight_source("vae", folder, False)
     patched.pipeline.vae = reloaded
-    patched.checks.extend(r["plan"] for r in records)
     return records
+
+
+def _f32_outputs(vae: Any, part: str, x: Any) -> np.ndarray:
+    """Decoded images or encoded latent means, one input at a time, in f32."""
+    import torch
+
+    with torch.no_grad():
+        if part == "vae_decoder":
+            return torch.cat([vae.decode(x[i : i + 1]).sample for i in range(x.shape[0])]).numpy()
+        return torch.cat([vae.encode(x[i : i + 1]).latent_dist.mean for i in range(x.shape[0])]).numpy()
 
 
 def _psnr(out: np.ndarray, ref: np.ndarray, part: str) -> float:
@@ -103,7 +109,11 @@ def _psnr(out: np.ndarray, ref: np.ndarray, part: str) -> float:
 
 def runtime_stage(bundle_dir: Path, recipe: Recipe, patched: Any, exported: list[Any], notify: Progress
                   ) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Write or strip ACTIVATIONS_SCALE_FACTOR in the VAE IRs as each part's fp16_fix says; judge `rescale` parts."""
+    """Write or strip ACTIVATIONS_SCALE_FACTOR in the VAE IRs as each part's fp16_fix says; judge `rescale` parts.
+
+    Returns the exported components with their runtime options as now written, and one
+    record per runtime-scale / rescale part for the report.
+    """
     import openvino as ov
 
     from convert.export import save_atomically
@@ -118,24 +128,20 @@ def runtime_stage(bundle_dir: Path, recipe: Recipe, patched: Any, exported: list
         part, mode = component.name, recipe.fp16_fix_for(component.name)
         model = core.read_model(component.xml)
         before = runtime_factor(model)
-        factor = float(recipe.settings_for(part).runtime_options[KEY]) if KEY in recipe.settings_for(part).runtime_options else None
-        if mode in ("runtime-scale", "rescale"):
-            inputs, references = _judging_inputs(patched, recipe, part)
-            fidelity = lambda out, ref, p=part: _psnr(out if p == "vae_decoder" else out[:, : out.shape[1] // 2], ref, p)  # noqa: E731
-            margin = (recipe.validation.min_psnr_db, recipe.validation.min_f16_headroom)
+        explicit = recipe.settings_for(part).runtime_options.get(KEY)
+        factor = float(explicit) if explicit is not None else None
         if mode == "runtime-scale":
             notify(f"export: {part}: choosing ACTIVATIONS_SCALE_FACTOR under emulated f16")
-            factor, trials = choose_factor(core, model, inputs, references, fidelity, *margin)
-            records.append({"part": part, "mode": mode, "chosen_factor": factor,
-                            "tried": [t.summary() for t in trials]})
+            factor, trials = choose_factor(core, model, *_judging(patched, recipe, part))
+            records.append({"part": part, "mode": mode, "chosen_factor": factor, "tried": [t.summary() for t in trials]})
         elif mode == "rescale":
-            trial = judge_factor(core, model, factor, inputs, references, fidelity, *margin)
+            trial = judge_factor(core, model, factor, *_judging(patched, recipe, part))
             records.append({"part": part, "mode": mode, "f16_emulated": trial.summary(),
                             "f16_non_finite": trial.non_finite, "f16_values": trial.total,
                             "f16_psnr_db": trial.psnr_db, "f16_max_abs": trial.max_abs})
         if factor != before:
             set_runtime_factor(model, factor)
-            save_atomically(model, component.xml, compress_to_fp16=False)
+            save_atomically(model, component.xml, compress_to_fp16=False)  # weights keep their stored types
             log.info("%s: %s %s -> %s", part, KEY, before, factor)
         options = {k: v for k, v in component.runtime_options.items() if k != KEY}
         done.append(replace(component, runtime_options=options | ({KEY: f"{factor}"} if factor else {})))
@@ -143,8 +149,10 @@ def runtime_stage(bundle_dir: Path, recipe: Recipe, patched: Any, exported: list
     return done, records
 
 
-def _judging_inputs(patched: Any, recipe: Recipe, part: str) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
-    """The validation photos (small resolution) and the unpatched VAE's f32 outputs for them."""
+def _judging(patched: Any, recipe: Recipe, part: str) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray],
+                                                                 Callable[[np.ndarray, np.ndarray], float], float, float]:
+    """What a factor is judged on: the validation photos (small resolution), the unpatched VAE's f32
+    outputs for them, PSNR as the gate computes it (encoder: the latent means), and the recipe's margins."""
     import torch
 
     from validate.inputs import encode_images
@@ -153,10 +161,18 @@ def _judging_inputs(patched: Any, recipe: Recipe, part: str) -> tuple[list[dict[
     photos = _photos(recipe)
     x = encode_images(original, photos) if part == "vae_decoder" else photos
     with torch.no_grad():
-        run = (lambda b: original.decode(b).sample) if part == "vae_decoder" else (
-            lambda b: original.encode(b).latent_dist.parameters[:, : original.config.latent_channels])
-        references = [run(torch.from_numpy(x[i : i + 1])).float().numpy() for i in range(x.shape[0])]
-    return [{IN_NAME[part]: x[i : i + 1]} for i in range(x.shape[0])], references
+        if part == "vae_decoder":
+            references = [original.decode(torch.from_numpy(x[i : i + 1])).sample.float().numpy() for i in range(len(x))]
+        else:
+            channels = original.config.latent_channels
+            references = [original.encode(torch.from_numpy(x[i : i + 1])).latent_dist.parameters[:, :channels].float().numpy()
+                          for i in range(len(x))]
+
+    def fidelity(out: np.ndarray, ref: np.ndarray) -> float:
+        return _psnr(out if part == "vae_decoder" else out[:, : ref.shape[1]], ref, part)
+
+    inputs = [{IN_NAME[part]: x[i : i + 1]} for i in range(len(x))]
+    return inputs, references, fidelity, recipe.validation.min_psnr_db, recipe.validation.min_f16_headroom
 
 
 def merge_records(patch_records: list[dict[str, Any]], runtime_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
