@@ -149,6 +149,18 @@ def test_rewrite_keeps_the_f32_function_and_restores_only_where_the_gpu_does(dec
     assert psnr(rewritten, original, 2.0) > 90
 
 
+def test_rewrite_of_an_ir_with_fp16_weights(decoder: dict, tmp_path) -> None:
+    """fp16 weights come back as Convert(Constant): biases are still divided as constants."""
+    ov.save_model(decoder["model"], tmp_path / "d.xml", compress_to_fp16=True)
+    model = ov.Core().read_model(tmp_path / "d.xml")
+    scaled = scale_activations(model, 64.0)
+    adds = [n for n in scaled.model.get_ordered_ops() if n.get_type_name() == "Add"]
+    biases = [a for a in adds if any(v.get_node().get_type_name() == "Constant" for v in a.input_values())]
+    assert len(biases) == scaled.scaled_ops  # every bias Add reads a plain (divided) constant
+    inputs = {"latent_sample": decoder["latents"]}
+    assert psnr(_f32_run(scaled.model, inputs), _f32_run(model, inputs), 2.0) > 90
+
+
 def test_add_of_a_scaled_and_an_unscaled_branch_restores_the_scaled_one() -> None:
     """LPT moves *s through an Add only when both inputs carry it: a plain activation keeps it real."""
     x = ops.parameter([1, 2, 4, 4], np.float32, name="x")

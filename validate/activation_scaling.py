@@ -219,13 +219,11 @@ def scale_activations(model: ov.Model, factor: float) -> ScaledModel:
             mul.set_friendly_name(f"{op.get_friendly_name()}/{TAG}/scale_down")
             op.input(0).replace_source_output(mul.output(0))
         if bias_port is not None:
-            bias = end.input_value(bias_port)
-            values = bias.get_node().get_data() if bias.get_node().get_type_name() == "Constant" else None
-            if values is None:  # Convert(Constant): scale the decompressed value
-                new_bias = ops.multiply(bias, _const(1.0 / factor, f"{end.get_friendly_name()}/{TAG}/bias"))
-            else:
-                new_bias = ops.constant((values.astype(np.float32) / np.float32(factor)).astype(values.dtype))
-            end.input(bias_port).replace_source_output(new_bias.output(0))
+            bias = end.input_value(bias_port).get_node()
+            if bias.get_type_name() == "Convert":  # decompressed f16 weights: fold the value, so the
+                bias = bias.input_value(0).get_node()  # bias Add still follows the op directly (one rounding)
+            divided = ops.constant(bias.get_data().astype(np.float32) / np.float32(factor))
+            end.input(bias_port).replace_source_output(divided.output(0))
     for node in clone.get_ordered_ops():  # x*s^k + c == (x + c/s^k) * s^k: LPT's swap of a constant Add
         k = pending.get((node.get_name(), 0), 0)
         if node.get_type_name() == "Add" and k > 0 and node.get_name() not in ends:
