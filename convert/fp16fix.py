@@ -50,10 +50,19 @@ def describe(recipe: Recipe) -> list[str]:
             for part in VAE_PARTS if recipe.settings_for(part).export]
 
 
-def _photos(recipe: Recipe) -> np.ndarray:
+def _photos(recipe: Recipe, pipeline: Any) -> list[np.ndarray]:
+    """The gate's photos at the gate's sizes: the first `full_resolution_images` at full size, the rest small.
+
+    Peaks grow with the image side, so a scale chosen on small images alone can fall short.
+    """
+    from validate.checks import native_resolution
     from validate.inputs import sample_images
 
-    return sample_images(recipe.validation.images, recipe.validation.small_resolution)
+    v = recipe.validation
+    full = v.resolution or native_resolution(pipeline)
+    n_full = min(v.full_resolution_images, len(v.images))
+    sets = [(v.images[:n_full], full), (v.images[n_full:], min(full, v.small_resolution))]
+    return [sample_images(names, size) for names, size in sets if names]
 
 
 def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) -> list[dict[str, Any]]:
@@ -67,14 +76,16 @@ def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) 
         return []
     notify(f"patch: rescaling {', '.join(parts)} for f16 from measured activations")
     vae = patched.pipeline.vae
-    inputs = vae_inputs(vae, _photos(recipe))
+    sets = [vae_inputs(vae, photos) for photos in _photos(recipe, patched.pipeline)]
+    inputs = {CODER[p]: [s[CODER[p]] for s in sets] for p in parts}
     headroom = recipe.validation.min_f16_headroom
-    fixed, plans = rescale_vae(vae, {CODER[p]: inputs[CODER[p]] for p in parts}, headroom)
+    fixed, plans = rescale_vae(vae, inputs, headroom)
     write_vae(fixed, folder)
     reloaded = weight_source("vae", folder, False).load("fp32")  # what the export stage will read (eps as diffusers sets it)
     records = []
     for part, plan in zip(parts, plans, strict=True):
-        before, after = (_f32_outputs(v, part, inputs[plan.coder]) for v in (vae, reloaded))
+        before, after = (np.concatenate([_f32_outputs(v, part, x).reshape(-1) for x in inputs[plan.coder]])
+                         for v in (vae, reloaded))
         records.append({
             "part": part, "mode": "rescale", "plan": plan.describe(),
             "stream_scale": plan.stream_scale, "conv1_scales": dict(plan.branch_scales),
@@ -158,20 +169,20 @@ def _judging(patched: Any, recipe: Recipe, part: str) -> tuple[list[dict[str, np
     from validate.inputs import encode_images
 
     original = patched.originals.get("vae", patched.pipeline.vae)
-    photos = _photos(recipe)
-    x = encode_images(original, photos) if part == "vae_decoder" else photos
+    batches = [encode_images(original, p) if part == "vae_decoder" else p for p in _photos(recipe, patched.pipeline)]
+    x = [batch[i : i + 1] for batch in batches for i in range(len(batch))]  # full size first: its maxima are reported
     with torch.no_grad():
         if part == "vae_decoder":
-            references = [original.decode(torch.from_numpy(x[i : i + 1])).sample.float().numpy() for i in range(len(x))]
+            references = [original.decode(torch.from_numpy(xi)).sample.float().numpy() for xi in x]
         else:
             channels = original.config.latent_channels
-            references = [original.encode(torch.from_numpy(x[i : i + 1])).latent_dist.parameters[:, :channels].float().numpy()
-                          for i in range(len(x))]
+            references = [original.encode(torch.from_numpy(xi)).latent_dist.parameters[:, :channels].float().numpy()
+                          for xi in x]
 
     def fidelity(out: np.ndarray, ref: np.ndarray) -> float:
         return _psnr(out if part == "vae_decoder" else out[:, : ref.shape[1]], ref, part)
 
-    inputs = [{IN_NAME[part]: x[i : i + 1]} for i in range(len(x))]
+    inputs = [{IN_NAME[part]: xi} for xi in x]
     return inputs, references, fidelity, recipe.validation.min_psnr_db, recipe.validation.min_f16_headroom
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -157,16 +157,21 @@ def _peaks_of(model: nn.Module, prefix: str) -> Iterator[dict[str, float]]:
             handle.remove()
 
 
-def measure_peaks(vae: AutoencoderKL, coder: Coder, inputs: torch.Tensor) -> dict[str, float]:
+Batches = torch.Tensor | Sequence[torch.Tensor]  # one batch, or batches of different sizes
+
+
+def measure_peaks(vae: AutoencoderKL, coder: Coder, inputs: Batches) -> dict[str, float]:
     """Max |activation| per module of one VAE half, in f32, one input at a time.
 
     `inputs`: images in [-1, 1] for the encoder, decoder-space latents (pipeline latents
-    divided by scaling_factor) for the decoder.
+    divided by scaling_factor) for the decoder; several batches may differ in size (peaks
+    grow with the image side, so measure at the sizes that will run).
     """
     with torch.no_grad(), _peaks_of(vae, coder) as peaks:
-        for i in range(inputs.shape[0]):
-            x = inputs[i : i + 1].float()
-            vae.decode(x) if coder == "decoder" else vae.encode(x)
+        for batch in [inputs] if isinstance(inputs, torch.Tensor) else inputs:
+            for i in range(batch.shape[0]):
+                x = batch[i : i + 1].float()
+                vae.decode(x) if coder == "decoder" else vae.encode(x)
     return dict(peaks)
 
 
@@ -234,7 +239,7 @@ def out_of_range(peaks: Mapping[str, float], headroom: float) -> dict[str, float
     return {k: v for k, v in peaks.items() if not v * headroom <= F16_MAX}
 
 
-def rescale_vae(vae: AutoencoderKL, inputs: Mapping[Coder, torch.Tensor], headroom: float
+def rescale_vae(vae: AutoencoderKL, inputs: Mapping[Coder, Batches], headroom: float
                 ) -> tuple[AutoencoderKL, list[RescalePlan]]:
     """Measure, plan, apply and re-measure: the FP16-safe twin of `vae` and the plans used.
 
