@@ -50,16 +50,15 @@ def describe(recipe: Recipe) -> list[str]:
             for part in VAE_PARTS if recipe.settings_for(part).export]
 
 
-def _photos(recipe: Recipe, pipeline: Any) -> list[np.ndarray]:
+def _photos(recipe: Recipe, patched: Any) -> list[np.ndarray]:
     """The gate's photos at the gate's sizes: the first `full_resolution_images` at full size, the rest small.
 
     Peaks grow with the image side, so a scale chosen on small images alone can fall short.
     """
-    from validate.checks import native_resolution
     from validate.inputs import sample_images
 
     v = recipe.validation
-    full = v.resolution or native_resolution(pipeline)
+    full = v.resolution or patched.family.native_resolution(patched.pipeline)
     n_full = min(v.full_resolution_images, len(v.images))
     sets = [(v.images[:n_full], full), (v.images[n_full:], min(full, v.small_resolution))]
     return [sample_images(names, size) for names, size in sets if names]
@@ -69,19 +68,20 @@ def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) 
     """Apply `rescale` to the VAE parts that ask for it; point the export at the rescaled weights."""
     from convert.patch import weight_source
     from convert.rescale import rescale_vae, vae_inputs
-    from convert.synthetic import write_vae
+    from convert.testing.sdxl import write_vae
 
     parts = [p for p in VAE_PARTS if recipe.settings_for(p).export and recipe.fp16_fix_for(p) == "rescale"]
     if not parts:
         return []
     notify(f"patch: rescaling {', '.join(parts)} for f16 from measured activations")
     vae = patched.pipeline.vae
-    sets = [vae_inputs(vae, photos) for photos in _photos(recipe, patched.pipeline)]
+    sets = [vae_inputs(vae, photos) for photos in _photos(recipe, patched)]
     inputs = {CODER[p]: [s[CODER[p]] for s in sets] for p in parts}
     headroom = recipe.validation.min_f16_headroom
     fixed, plans = rescale_vae(vae, inputs, headroom)
     write_vae(fixed, folder)
-    reloaded = weight_source("vae", folder, False).load("fp32")  # what the export stage will read (eps as diffusers sets it)
+    source = weight_source("vae", patched.weights["vae"].loader, folder, False)
+    reloaded = source.load("fp32")  # what the export stage will read (eps as diffusers sets it)
     records = []
     for part, plan in zip(parts, plans, strict=True):
         before, after = (np.concatenate([_f32_outputs(v, part, x).reshape(-1) for x in inputs[plan.coder]])
@@ -94,7 +94,7 @@ def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) 
         })  # fmt: skip
     patched.originals.setdefault("vae", vae)
     patched.substituted["vae"] = f"{patched.substituted.get('vae', 'base')} rescaled for f16 ({', '.join(parts)})"
-    patched.weights["vae"] = weight_source("vae", folder, False)
+    patched.weights["vae"] = source
     patched.pipeline.vae = reloaded
     return records
 
@@ -169,7 +169,7 @@ def _judging(patched: Any, recipe: Recipe, part: str) -> tuple[list[dict[str, np
     from validate.inputs import encode_images
 
     original = patched.originals.get("vae", patched.pipeline.vae)
-    batches = [encode_images(original, p) if part == "vae_decoder" else p for p in _photos(recipe, patched.pipeline)]
+    batches = [encode_images(original, p) if part == "vae_decoder" else p for p in _photos(recipe, patched)]
     x = [batch[i : i + 1] for batch in batches for i in range(len(batch))]  # full size first: its maxima are reported
     with torch.no_grad():
         if part == "vae_decoder":

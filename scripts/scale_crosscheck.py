@@ -30,7 +30,7 @@ def prepare(folder: Path) -> None:
     import numpy as np
     import openvino as ov
 
-    from convert.synthetic import build_overflow_vae
+    from convert.testing.sdxl import build_overflow_vae
     from validate.checks import _convert_original
     from validate.inputs import encode_images, sample_images
 

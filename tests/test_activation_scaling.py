@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert.synthetic import build_overflow_vae
+from convert.testing.sdxl import build_overflow_vae
 from validate.activation_scaling import (
     F16_MAX,
     judge_factor,
