@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import disk, package
+from convert import disk, fp16fix, package
 from convert import staging as staging_mod
 from convert.capture import redirect_output
 from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, ValidationError,
@@ -99,7 +99,7 @@ class BuildResult:
 def planned_checks(recipe: Recipe) -> list[str]:
     from validate.checks import describe_checks  # light: no OpenVINO import
 
-    return describe_checks(recipe)
+    return describe_checks(recipe) + fp16fix.describe(recipe)
 
 
 def plan(recipe_path: Path, workspace: Workspace) -> Plan:
@@ -217,9 +217,11 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role != "base"}
         allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
         patched = patch(fetched["base"], substitutes, allow, recipe.family)
+        rescaled = fp16fix.rescale_stage(patched, recipe, staging / "rescaled_vae", notify)
 
     with _stage("export", timings, workspace, ExportError, log, need):
         exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify)
+        exported, scaled = fp16fix.runtime_stage(bundle_dir, recipe, patched, exported, notify)
     components = [
         {"name": e.name, "weights": e.weights,
          "inference_precision": recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
@@ -230,6 +232,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     with _stage("validate", timings, workspace, ValidationError, log, need):
         notify("validate: decoding at the target precisions")
         report = run_validation(bundle_dir, patched, recipe, notify)
+        report.fp16_fixes = fp16fix.merge_records(rescaled, scaled)
         report.write(bundle_dir / "validation")
     del patched
 

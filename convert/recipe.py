@@ -52,6 +52,7 @@ SCHEMA_VERSION = 1
 WeightFormat = Literal["fp32", "fp16", "int8", "int4"]
 Precision = Literal["f32", "f16", "bf16"]
 Device = Literal["CPU", "GPU", "NPU"]
+Fp16Fix = Literal["substitute", "runtime-scale", "rescale", "none"]
 
 #: Components whose decode/encode the validation gate checks.
 VAE_PARTS: tuple[str, ...] = ("vae_decoder", "vae_encoder")
@@ -174,6 +175,13 @@ class ComponentSettings(_Strict):
         default_factory=dict, description="Extra keys written to the IR's rt_info runtime_options (e.g. ACTIVATIONS_SCALE_FACTOR)."
     )
     export: bool = Field(default=True, description="Set false to leave this component out of the bundle.")
+    fp16_fix: Fp16Fix | None = Field(
+        default=None,
+        description="VAE parts only: how the part stays finite at f16. substitute: substitutions.vae; runtime-scale: "
+        "the smallest power-of-two ACTIVATIONS_SCALE_FACTOR whose emulated f16 run passes (GPU targets); rescale: "
+        "training-free weight rescale from measured activations; none. Default: substitute if substitutions.vae "
+        "is set, else none.",
+    )
 
     @model_validator(mode="after")
     def _nncf_fits(self) -> ComponentSettings:
@@ -221,6 +229,9 @@ class ValidationSettings(_Strict):
     )
     denoise_steps: int = Field(
         default=2, ge=0, le=MAX_DENOISE_STEPS, description="Steps of the exported pipeline that produce extra latents."
+    )
+    min_f16_headroom: float = Field(
+        default=4.0, ge=1.0, description="fp16_fix runtime-scale/rescale: every f16 value stays below 65504 / this."
     )
     prompt: str = Field(default="a photo of an astronaut riding a horse", description="Prompt for the denoising run.")
 
@@ -322,6 +333,28 @@ class Recipe(_Strict):
     @property
     def family(self) -> PipelineFamily:
         return get_family(self.pipeline)
+
+    @model_validator(mode="after")
+    def _fp16_fixes_fit(self) -> Recipe:
+        for part, settings in self.components.items():
+            fix = settings.fp16_fix
+            if fix is not None and part not in VAE_PARTS:
+                raise ValueError(f"components.{part}.fp16_fix applies to {' and '.join(VAE_PARTS)} only")
+            if fix == "substitute" and "vae" not in self.substitutions:
+                raise ValueError(f"components.{part}.fp16_fix is 'substitute' but substitutions.vae is not set; "
+                                 "add substitutions.vae or use rescale / runtime-scale")
+            if fix == "runtime-scale" and "ACTIVATIONS_SCALE_FACTOR" in settings.runtime_options:
+                raise ValueError(f"components.{part}: fp16_fix runtime-scale chooses ACTIVATIONS_SCALE_FACTOR; "
+                                 "remove it from runtime_options")
+            if fix == "runtime-scale" and self.target.device != "GPU":
+                raise ValueError(f"components.{part}.fp16_fix runtime-scale needs target.device GPU "
+                                 f"(only the GPU plugin applies ACTIVATIONS_SCALE_FACTOR), not {self.target.device}")
+        return self
+
+    def fp16_fix_for(self, part: str) -> str:
+        """The part's fp16_fix, with the default filled in."""
+        fix = self.settings_for(part).fp16_fix
+        return fix or ("substitute" if "vae" in self.substitutions else "none")
 
     def settings_for(self, component: str) -> ComponentSettings:
         return self.components.get(component, ComponentSettings())

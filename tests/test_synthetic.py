@@ -366,6 +366,7 @@ def test_registry_lists_the_documented_generators() -> None:
     assert set(GENERATORS) == {
         "tiny-sdxl-base",
         "tiny-sdxl-vae-fp16-fix",
+        "tiny-sdxl-vae-offstream-overflow",
         "sdxl-base-shapes",
         "sdxl-vae-shapes",
         "sdxl-vae-shapes-fp16-fix",

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 IO_NAMES = {"vae_decoder": ("latent_sample", "sample"), "vae_encoder": ("sample", "latent_parameters")}
-FIX_HINT = "substitute an FP16-fixed VAE (recipe key substitutions.vae) or run it at f32 (target.inference_precision)"
+FIX_HINT = ("substitute an FP16-fixed VAE (recipe key substitutions.vae), set components.<part>.fp16_fix: rescale or "
+            "runtime-scale, or run it at f32 (target.inference_precision)")
 
 
 def describe_checks(recipe: Recipe) -> list[str]:
@@ -146,10 +147,12 @@ def _input_of(part: str, s: InputSet) -> np.ndarray | None:
 def _check_all(core: Any, model: Any, part: str, label: str, precision: str, recipe: Recipe, sets: list[InputSet],
                refs: dict[str, np.ndarray], image_dir: Path, report: ValidationReport) -> list[CheckResult]:
     from validate.metrics import count_non_finite, passes_psnr, psnr
+    from validate.activation_scaling import as_target_runs
     from validate.precision import activation_maxima, compile_for, emulate, plan_execution
 
     device = recipe.target.device if recipe.target.device in core.available_devices else "CPU"
     mode = plan_execution(core, device, precision)  # type: ignore[arg-type]
+    model = as_target_runs(model, recipe.target.device, mode.device, precision)  # ACTIVATIONS_SCALE_FACTOR as the GPU applies it
     runnable = emulate(model, precision) if mode.emulated else model  # type: ignore[arg-type]
     in_name, _ = IO_NAMES[part]
     where = f"{mode.device}" + ("" if device == recipe.target.device else f" (target {recipe.target.device} not present)")

@@ -49,6 +49,7 @@ class ValidationReport:
     fit_checks: list[str] = field(default_factory=list)
     inputs: dict[str, str] = field(default_factory=dict)  # input set name -> description
     samples: dict[str, str] = field(default_factory=dict)  # png name -> caption
+    fp16_fixes: list[dict[str, Any]] = field(default_factory=list)  # per VAE part: fp16_fix mode and its numbers
 
     @property
     def gating_checks(self) -> list[CheckResult]:
@@ -103,6 +104,7 @@ class ValidationReport:
                 for c in self.checks
             ],
             "samples": self.samples,
+            "fp16_fixes": self.fp16_fixes,
         })
 
     def to_markdown(self, image_dir: str = ".") -> str:
@@ -130,6 +132,8 @@ class ValidationReport:
                 for block, value in c.max_abs_activation.items():
                     lines.append(f"| {c.component} | {c.vae} | {block} | {_fmt(value, '.4g')} | "
                                  f"{_fmt(_headrooms(c)[block], '.3g')} |")
+        if self.fp16_fixes:
+            lines += ["", "FP16 fixes:", ""] + [f"- {_describe_fix(f)}" for f in self.fp16_fixes]
         if self.failures:
             lines += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]
         if self.inputs:
@@ -145,6 +149,19 @@ class ValidationReport:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
         (folder / "report.md").write_text("# Validation report\n\n" + self.to_markdown())
+
+
+def _describe_fix(fix: dict[str, Any]) -> str:
+    """One line per VAE part: what fp16_fix did and the numbers that justify it."""
+    head = f"{fix['part']}: {fix['mode']}"
+    if fix["mode"] == "runtime-scale":
+        chosen = fix.get("chosen_factor")
+        tried = "; ".join(fix.get("tried", []))
+        return f"{head}: ACTIVATIONS_SCALE_FACTOR {chosen if chosen else 'none passed'} (tried {tried})"
+    if fix["mode"] == "rescale":
+        return (f"{head}: {fix.get('plan', '')}; f32 PSNR vs unpatched VAE {_fmt(fix.get('f32_psnr_db_vs_unpatched'))} dB; "
+                f"emulated f16 {fix.get('f16_emulated', 'not judged')}")
+    return head
 
 
 def _headrooms(check: CheckResult) -> dict[str, float]:

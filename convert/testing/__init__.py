@@ -24,10 +24,11 @@ _HERE = Path(__file__).resolve().parent
 #: name -> (module, function, source files whose text is the generator's version)
 _GENERATORS: Mapping[str, tuple[str, str, tuple[str, ...]]] = MappingProxyType({
     "tiny-sdxl-base": ("convert.testing.sdxl", "tiny_sdxl_base", ("sdxl.py",)),
-    "tiny-sdxl-vae-fp16-fix": ("convert.testing.sdxl", "tiny_sdxl_vae_fp16_fix", ("sdxl.py",)),
+    "tiny-sdxl-vae-fp16-fix": ("convert.testing.sdxl", "tiny_sdxl_vae_fp16_fix", ("sdxl.py", "../rescale.py")),
+    "tiny-sdxl-vae-offstream-overflow": ("convert.testing.sdxl", "tiny_sdxl_vae_offstream_overflow", ("sdxl.py",)),
     "sdxl-base-shapes": ("convert.testing.sdxl", "sdxl_base_shapes", ("sdxl.py",)),
     "sdxl-vae-shapes": ("convert.testing.sdxl", "sdxl_vae_shapes", ("sdxl.py",)),
-    "sdxl-vae-shapes-fp16-fix": ("convert.testing.sdxl", "sdxl_vae_shapes_fp16_fix", ("sdxl.py",)),
+    "sdxl-vae-shapes-fp16-fix": ("convert.testing.sdxl", "sdxl_vae_shapes_fp16_fix", ("sdxl.py", "../rescale.py")),
     "tiny-sd35-medium": ("convert.testing.sd3", "tiny_sd35_medium", ("sd3.py", "sdxl.py")),
     "tiny-sdxl-refiner": ("convert.testing.sdxl_refiner", "tiny_sdxl_refiner", ("sdxl_refiner.py", "sdxl.py")),
 })  # fmt: skip

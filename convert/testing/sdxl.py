@@ -9,8 +9,9 @@ builds both from seeded random weights:
 * the VAE's residual-stream writers are scaled by growing gains so that f32 output is
   sane while internal activations exceed the FP16 range, as in the real SDXL VAE
   (see ``/work/shared/notes/fp16-numerics.md``);
-* :func:`fix_vae_for_fp16` derives the FP16-safe twin without training, using the
-  invariance of GroupNorm to a common scale of its input.
+* :func:`fix_vae_for_fp16` derives the FP16-safe twin without training (the operation is
+  :mod:`convert.rescale`), and :func:`build_offstream_overflow_vae` adds overflow off the
+  stream (a resnet's conv1), which a stream-only fix misses.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ if TYPE_CHECKING:  # diffusers/transformers cost seconds to import: only load th
     from transformers import CLIPTokenizer
 
 __all__ = [
-    "Size", "build_full_sdxl_pipeline", "build_overflow_vae", "build_tiny_sdxl_pipeline", "build_tokenizers",
-    "fix_vae_for_fp16", "sdxl_base_shapes", "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base",
-    "tiny_sdxl_vae_fp16_fix", "write_pipeline", "write_vae",
+    "Size", "build_full_sdxl_pipeline", "build_offstream_overflow_vae", "build_overflow_vae", "build_tiny_sdxl_pipeline",
+    "build_tokenizers", "fix_vae_for_fp16", "sdxl_base_shapes", "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base",
+    "tiny_sdxl_vae_fp16_fix", "tiny_sdxl_vae_offstream_overflow", "write_pipeline", "write_vae",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -237,19 +238,6 @@ def _stages(coder: nn.Module) -> dict[str, list[nn.Module]]:
     return stages
 
 
-def _stream_passers(coder: nn.Module) -> list[nn.Module]:
-    """Layers that read the stream and write it back: resampler convs and conv_shortcuts."""
-    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-
-    passers: list[nn.Module] = []
-    for module in coder.modules():
-        if isinstance(module, (Upsample2D, Downsample2D)) and isinstance(module.conv, nn.Conv2d):
-            passers.append(module.conv)
-        elif isinstance(module, ResnetBlock2D) and module.conv_shortcut is not None:
-            passers.append(module.conv_shortcut)
-    return passers
-
-
 @torch.no_grad()
 def _scale_(layer: nn.Module, factor: float, weight: bool = True) -> None:
     """Scale a layer's output in place (bias only for stream passers)."""
@@ -298,29 +286,38 @@ def build_overflow_vae(size: Size, seed: int = 0) -> AutoencoderKL:
     return vae
 
 
-def fix_vae_for_fp16(vae: AutoencoderKL, scale: float = 2.0**-7) -> AutoencoderKL:
-    """A rescaled copy of ``vae`` that runs in FP16, with the same output (training-free fix).
+# Off-stream spikes: gains on a resnet's conv1, whose output feeds only its norm2. f32 output
+# is unchanged (norm2 sees var >> eps), but f16 overflows there even with the stream rescaled.
+_CONV1_SPIKES: Mapping[str, float] = MappingProxyType({
+    "decoder.up_blocks.1.resnets.1": 2.0**18, "encoder.down_blocks.1.resnets.0": 2.0**18,
+})  # fmt: skip
 
-    GroupNorm(s*x) == GroupNorm(x) up to eps, and every reader of the residual stream is a
-    GroupNorm or a linear map of it, so the stream of both encoder and decoder is scaled by
-    ``s``: weight and bias of the writers (conv_in, resnet conv2, attention to_out.0), bias
-    only of the layers that read and write the stream (resampler convs, conv_shortcut).
-    conv1, norms, q/k/v and conv_out are untouched. ``force_upcast`` becomes False, like
-    madebyollin/sdxl-vae-fp16-fix. A power-of-two ``scale`` keeps the weights exact. The
-    exactness needs a stream much larger than GroupNorm's eps / scale**2, true of the
+
+def build_offstream_overflow_vae(size: Size, seed: int = 0) -> AutoencoderKL:
+    """The overflow-prone VAE plus a conv1 spike in one decoder and one encoder resnet.
+
+    A stream-only fix (:func:`fix_vae_for_fp16`) leaves these spikes above 65504; the full
+    measured rescale (:func:`convert.rescale.rescale_vae`) scales each conv1 on its own.
+    """
+    vae = build_overflow_vae(size, seed)
+    for path, gain in _CONV1_SPIKES.items():
+        _scale_(vae.get_submodule(path).conv1, gain)
+    return vae
+
+
+def fix_vae_for_fp16(vae: AutoencoderKL, scale: float = 2.0**-7) -> AutoencoderKL:
+    """A stream-rescaled copy of ``vae`` that runs in FP16 with the same output (training-free fix).
+
+    The classic fix, as madebyollin/sdxl-vae-fp16-fix ships it: one fixed power-of-two
+    ``scale`` for the residual stream of encoder and decoder, weights only (GroupNorm eps
+    is not in a diffusers weights file), ``force_upcast`` False. The operation itself lives
+    in :mod:`convert.rescale`; this fixed-scale form builds the substitute fixtures. Exact
+    enough only where the stream is much larger than GroupNorm's eps / scale**2, true of the
     overflow-prone VAEs built here (f32 output >110 dB from the original).
     """
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    fixed = copy.deepcopy(vae)
-    for coder in (fixed.encoder, fixed.decoder):
-        for writers in _stages(coder).values():
-            for writer in writers:
-                _scale_(writer, scale)
-        for passer in _stream_passers(coder):
-            _scale_(passer, scale, weight=False)
-    fixed.register_to_config(force_upcast=False)
-    return fixed
+    from convert.rescale import apply_rescale, stream_only_plan
+
+    return apply_rescale(vae, [stream_only_plan("encoder", scale), stream_only_plan("decoder", scale)])
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -517,6 +514,10 @@ def tiny_sdxl_base(out_dir: Path, seed: int) -> Path:
 
 def tiny_sdxl_vae_fp16_fix(out_dir: Path, seed: int) -> Path:
     return write_vae(fix_vae_for_fp16(build_overflow_vae("tiny", seed)), out_dir)
+
+
+def tiny_sdxl_vae_offstream_overflow(out_dir: Path, seed: int) -> Path:
+    return write_vae(build_offstream_overflow_vae("tiny", seed), out_dir)
 
 
 def sdxl_base_shapes(out_dir: Path, seed: int) -> Path:
