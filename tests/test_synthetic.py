@@ -372,6 +372,8 @@ def test_registry_lists_the_documented_generators() -> None:
         "sdxl-vae-shapes-fp16-fix",
         "tiny-sd35-medium",
         "tiny-sdxl-refiner",
+        "tiny-sdxl-unet",
+        "tiny-sdxl-unet-fp16-overflow",
     }
 
 
