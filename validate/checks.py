@@ -2,7 +2,8 @@
 
 Half precision runs for real where the host computes it, and is emulated on the IR
 graph where OpenVINO would silently run f32 instead (AVX2 CPUs): a "f16 check" that
-really ran f32 would pass the very VAE this project exists to catch.
+really ran f32 would pass the very VAE this project exists to catch. The text encoders,
+the UNet and the whole pipeline's images are judged afterwards (validate/pipeline_gate.py).
 """
 
 from __future__ import annotations

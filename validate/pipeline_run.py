@@ -69,16 +69,14 @@ class PartRequest:
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Outputs by tensor name for one call."""
-        result = self._infer(conform(self.model, inputs))
-        return {min(k.get_names(), default=str(i)): np.array(v, copy=True) for i, (k, v) in enumerate(result.to_dict().items())}
+        return _by_name(self._infer(conform(self.model, inputs)))
 
     def __call__(self, inputs: Mapping[str, Any], share_inputs: bool = True, **_: Any) -> Any:
+        """What optimum calls: returns OpenVINO's result object, readable by port, index or name."""
         arrays = conform(self.model, inputs)
         result = self._infer(arrays)
         if self.record:
-            outputs = {min(k.get_names(), default=str(i)): np.array(v, copy=True)
-                       for i, (k, v) in enumerate(result.to_dict().items())}
-            self.calls.append(Call({k: v.copy() for k, v in arrays.items()}, outputs))
+            self.calls.append(Call({k: v.copy() for k, v in arrays.items()}, _by_name(result)))
         return result
 
     def _infer(self, arrays: dict[str, np.ndarray]) -> Any:
@@ -88,6 +86,11 @@ class PartRequest:
             runner = self._compiled[key] = compile_for(self.core, self.runnable, self.mode, arrays)
         request = runner.compiled.create_infer_request()
         return request.infer({**arrays, **dict(runner.extra_inputs)})
+
+
+def _by_name(result: Any) -> dict[str, np.ndarray]:
+    return {min(port.get_names(), default=str(i)): np.array(value, copy=True)
+            for i, (port, value) in enumerate(result.to_dict().items())}
 
 
 def load_pipeline(bundle_dir: Path) -> Any:
