@@ -86,3 +86,16 @@ def test_cosine_and_step_selection() -> None:
     assert cosine(x, 2 * x) == pytest.approx(1.0) and cosine(x, -x) == pytest.approx(-1.0)
     assert math.isnan(cosine(np.array([np.nan, 1.0]), np.array([1.0, 1.0])))
     assert evenly_spaced(3, 3) == [0, 1, 2] and evenly_spaced(10, 3) == [0, 4, 9] and evenly_spaced(2, 5) == [0, 1]
+
+
+def test_a_component_pinned_to_f32_runs_f32_end_to_end() -> None:
+    """The fix the UNet failure line suggests takes effect in the end-to-end run."""
+    from convert.recipe import Recipe
+    from validate.pipeline_gate import run_precision
+
+    recipe = Recipe.model_validate({
+        "schema_version": 1, "name": "x", "base": {"generated": {"generator": "tiny-sdxl-base"}},
+        "components": {"unet": {"inference_precision": ["f32"]}}, "target": {"inference_precision": ["f16"]},
+    })
+    assert run_precision(recipe, "f16", "unet") == "f32"
+    assert run_precision(recipe, "f16", "text_encoder") == "f16"
