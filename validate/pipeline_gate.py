@@ -22,7 +22,7 @@ from convert.recipe import Recipe
 from validate.end_to_end import ImageComparison, Thresholds, compare, save_grid
 from validate.pipeline_run import PARTS, Call, PartRequest, evenly_spaced, generate, install, load_pipeline
 from validate.precision import ExecutionMode, plan_execution
-from validate.submodels import SUBMODELS, SubmodelResult, block_maxima, check_submodel
+from validate.submodels import SUBMODELS, SubmodelResult, check_submodel, per_block
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     started = time.monotonic()
     say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}x{size}")
     pipeline = load_pipeline(bundle_dir)
-    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder") for p in present}
+    checked = [p for p in SUBMODELS if p in settings.components]
+    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked)
+                 for p in present}
     install(pipeline, reference)
     f32_images = []
     for i, prompt in enumerate(e2e.prompts):
@@ -103,9 +105,9 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     batch = unet_calls[0].inputs["sample"].shape[0] if unet_calls else 0
     captured["unet"] = ([unet_calls[i] for i in chosen],
                         f"steps {', '.join(str(i + 1) for i in chosen)} of {len(unet_calls)} (batch {batch}, {size}x{size})")
-    for part in (p for p in SUBMODELS if p in settings.components):
+    for part in checked:
         calls, described = captured[part]
-        maxima = block_maxima(core, modes.models[part], calls)
+        maxima = per_block(reference[part].maxima), list(reference[part].maxima.items())  # whole f32 run
         out.maxima[part] = maxima[0]
         for precision in recipe.precisions_for(part):
             say(f"validate: {part} {precision} on captured inputs")

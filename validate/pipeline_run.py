@@ -61,9 +61,19 @@ class PartRequest:
     `with_static_shapes`); a denoising run calls the UNet with one shape throughout.
     """
 
-    def __init__(self, core: ov.Core, model: ov.Model, mode: ExecutionMode, *, record: bool = False) -> None:
+    def __init__(self, core: ov.Core, model: ov.Model, mode: ExecutionMode, *, record: bool = False,
+                 taps: bool = False) -> None:
+        """`record`: keep every call; `taps` (f32 only): also keep max |activation| per op over all calls."""
         self.core, self.model, self.mode, self.record = core, model, mode, record
         self.runnable: ov.Model | EmulatedModel = emulate(model, mode.precision) if mode.emulated else model
+        self.tap_names: list[str] = []
+        if taps:
+            from validate.submodels import with_taps
+
+            if mode.emulated:
+                raise ValueError("taps on an emulated run: use submodels.block_maxima")
+            self.runnable, self.tap_names = with_taps(model)
+        self.maxima: dict[str, float] = {}  # tapped op -> max |activation|, graph order
         self.calls: list[Call] = []
         self._compiled: dict[tuple[tuple[str, tuple[int, ...]], ...], Any] = {}
 
@@ -84,8 +94,30 @@ class PartRequest:
         runner = self._compiled.get(key)
         if runner is None:
             runner = self._compiled[key] = compile_for(self.core, self.runnable, self.mode, arrays)
-        request = runner.compiled.create_infer_request()
-        return request.infer({**arrays, **dict(runner.extra_inputs)})
+        result = runner.compiled.create_infer_request().infer({**arrays, **dict(runner.extra_inputs)})
+        if not self.tap_names:
+            return result
+        from validate.submodels import fold_maxima
+
+        values = list(result.to_dict().values())
+        n = len(values) - len(self.tap_names)
+        fold_maxima(self.maxima, self.tap_names, [float(v) for v in values[n:]])
+        return _Outputs(list(result.to_dict().items())[:n])
+
+
+class _Outputs:
+    """The model's own outputs of a tapped run, readable like OpenVINO's result (by port, index, name)."""
+
+    def __init__(self, items: list[tuple[Any, np.ndarray]]) -> None:
+        self._items = items
+
+    def to_dict(self) -> dict[Any, np.ndarray]:
+        return dict(self._items)
+
+    def __getitem__(self, key: int | str) -> np.ndarray:
+        if isinstance(key, int):
+            return self._items[key][1]
+        return next(value for port, value in self._items if key in port.get_names())
 
 
 def _by_name(result: Any) -> dict[str, np.ndarray]:

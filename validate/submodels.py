@@ -112,11 +112,10 @@ def cosine(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """Max |activation| per block over `calls` (f32), and every tapped op's max in graph order.
+def with_taps(model: Any) -> tuple[Any, list[str]]:
+    """A copy of `model` with one extra output per tapped op: max |x| over the whole tensor.
 
-    One tapped compile, one inference per call. The op list finds where values first
-    leave the f16 range; the block dict is what the headroom chart and table show.
+    Tapped ops are the emulation's rounding points inside a named block, in graph order.
     Taps are a bare ReduceMax(|x|) (`activation_maxima`'s NaN-safe taps cost the int8 tiny
     UNet ~60% more compile time); overflow shows as inf before any NaN, so the first op
     past the range is found either way.
@@ -124,38 +123,58 @@ def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str
     import openvino as ov
     import openvino.opset13 as ops
 
-    from validate.precision import EmulatedModel, rounding_ops, with_static_shapes
+    from validate.precision import rounding_ops
 
-    if not calls:
-        return {}, []
-    emulated = model if isinstance(model, EmulatedModel) else None
-    clone = (emulated.model if emulated else model).clone()
-    taps: list[tuple[str, Any]] = []
+    clone = model.clone()
+    names, taps = [], []
     for node in rounding_ops(clone):
         if submodel_block(node.get_friendly_name()) is None:
             continue
         for out in node.outputs():
             rank = out.get_partial_shape().rank
             if out.get_element_type() == ov.Type.f32 and rank.is_static:
-                axes = list(range(rank.get_length()))
-                taps.append((node.get_friendly_name(), ops.reduce_max(ops.abs(out), axes, False).output(0)))
-    first = len(clone.outputs)
-    clone.add_results([ops.result(t) for _, t in taps])
+                names.append(node.get_friendly_name())
+                taps.append(ops.result(ops.reduce_max(ops.abs(out), list(range(rank.get_length())), False)))
+    clone.add_results(taps)
+    return clone, names
+
+
+def fold_maxima(per_op: dict[str, float], names: Sequence[str], values: Sequence[float]) -> None:
+    """Fold one inference's tap values into `per_op` (NaN sticks)."""
+    for name, value in zip(names, values, strict=True):
+        per_op[name] = value if math.isnan(value) else max(per_op.get(name, 0.0), value)
+
+
+def per_block(per_op: dict[str, float]) -> dict[str, float]:
+    """Op maxima grouped into blocks, in order of each block's first op."""
+    blocks: dict[str, float] = {}
+    for name, value in per_op.items():
+        block = submodel_block(name) or "?"
+        blocks[block] = max(blocks.get(block, 0.0), value)
+    return blocks
+
+
+def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Max |activation| per block over `calls`, and every tapped op's max in graph order.
+
+    On an EmulatedModel the taps see each value before it is rounded: where the format's
+    range was first left. One tapped compile, one inference per call.
+    """
+    from validate.precision import EmulatedModel, with_static_shapes
+
+    if not calls:
+        return {}, []
+    emulated = model if isinstance(model, EmulatedModel) else None
+    tapped, names = with_taps(emulated.model if emulated else model)
+    first = len(tapped.outputs) - len(names)
     extra = dict(emulated.extra_inputs) if emulated else {}
-    compiled = core.compile_model(with_static_shapes(clone, calls[0].inputs), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(with_static_shapes(tapped, calls[0].inputs), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     per_op: dict[str, float] = {}
     for call in calls:
         request.infer({**call.inputs, **extra})
-        for i, (name, _) in enumerate(taps):
-            value = float(request.get_output_tensor(first + i).data)
-            per_op[name] = value if math.isnan(value) else max(per_op.get(name, 0.0), value)
-    blocks: dict[str, float] = {}
-    for name, value in per_op.items():
-        block = submodel_block(name)
-        assert block is not None
-        blocks[block] = max(blocks.get(block, 0.0), value)
-    return blocks, list(per_op.items())
+        fold_maxima(per_op, names, [float(request.get_output_tensor(first + i).data) for i in range(len(names))])
+    return per_block(per_op), list(per_op.items())
 
 
 def first_beyond(per_op: Sequence[tuple[str, float]], limit: float = F16_MAX) -> str | None:
