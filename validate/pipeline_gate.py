@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from convert.recipe import Recipe
 from validate.end_to_end import ImageComparison, Thresholds, compare, save_grid
 from validate.pipeline_run import PARTS, Call, PartRequest, evenly_spaced, generate, install, load_pipeline
@@ -80,34 +82,26 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     size = e2e.resolution or settings.resolution or native_size
     device = recipe.target.device if recipe.target.device in core.available_devices else "CPU"
     modes = _Modes(core, device, {p: core.read_model(bundle_dir / p / "openvino_model.xml") for p in present})
+    checked = [p for p in SUBMODELS if p in settings.components]
+
+    def images(pipeline: Any) -> list[np.ndarray]:
+        return [generate(pipeline, prompt, steps=e2e.steps, size=size, guidance_scale=e2e.guidance_scale,
+                         seed=e2e.seed + i) for i, prompt in enumerate(e2e.prompts)]
 
     started = time.monotonic()
     say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}x{size}")
     pipeline = load_pipeline(bundle_dir)
-    checked = [p for p in SUBMODELS if p in settings.components]
     reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked)
                  for p in present}
     install(pipeline, reference)
-    f32_images = []
-    for i, prompt in enumerate(e2e.prompts):
-        f32_images.append(generate(pipeline, prompt, steps=e2e.steps, size=size,
-                                   guidance_scale=e2e.guidance_scale, seed=e2e.seed + i))
-        reference["unet"].record = False  # the first prompt's denoising run is the UNet's input set
+    f32_images = images(pipeline)
     out.timings["pipeline_f32"] = time.monotonic() - started
 
     started = time.monotonic()
-    unet_calls = reference["unet"].calls
-    chosen = evenly_spaced(len(unet_calls), e2e.unet_calls)
-    captured: dict[str, tuple[list[Call], str]] = {
-        part: (reference[part].calls, f"{len(e2e.prompts)} prompt(s) tokenized by the bundle's tokenizer")
-        for part in ("text_encoder", "text_encoder_2")
-    }
-    batch = unet_calls[0].inputs["sample"].shape[0] if unet_calls else 0
-    captured["unet"] = ([unet_calls[i] for i in chosen],
-                        f"steps {', '.join(str(i + 1) for i in chosen)} of {len(unet_calls)} (batch {batch}, {size}x{size})")
-    for part in checked:
-        calls, described = captured[part]
-        maxima = per_block(reference[part].maxima), list(reference[part].maxima.items())  # whole f32 run
+    for part, (calls, described) in _captured(reference, len(e2e.prompts), e2e.steps, e2e.unet_calls, size).items():
+        if part not in checked:
+            continue
+        maxima = per_block(reference[part].maxima), list(reference[part].maxima.items())  # the whole f32 run
         out.maxima[part] = maxima[0]
         for precision in recipe.precisions_for(part):
             say(f"validate: {part} {precision} on captured inputs")
@@ -124,20 +118,34 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
         runs = {part: run_precision(recipe, label, part) for part in present}
         install(pipeline, {part: modes.request(part, runs[part]) for part in present})
         runs_as = {part: f"{p} {'emulated' if modes.mode(p).emulated else 'native'}" for part, p in runs.items()}
-        images = []
-        for i, prompt in enumerate(e2e.prompts):
-            images.append(generate(pipeline, prompt, steps=e2e.steps, size=size,
-                                   guidance_scale=e2e.guidance_scale, seed=e2e.seed + i))
-            out.images.append(compare(images[-1], f32_images[i], precision=label, prompt=prompt, seed=e2e.seed + i,
-                                      runs_as=runs_as, limits=out.limits))
-        columns.append(images)
+        columns.append(images(pipeline))
+        out.images += [compare(image, reference_image, precision=label, prompt=prompt, seed=e2e.seed + i,
+                               runs_as=runs_as, limits=out.limits)
+                       for i, (prompt, image, reference_image) in enumerate(zip(e2e.prompts, columns[-1], f32_images))]
     del pipeline
-    rows = [[column[i] for column in columns] for i in range(len(e2e.prompts))]
-    save_grid(rows, bundle_dir / "validation" / GRID)
-    header = " | ".join(["f32", *labels])
-    out.figures[GRID] = f"end to end, one row per prompt: {header}"
+    save_grid([[column[i] for column in columns] for i in range(len(e2e.prompts))], bundle_dir / "validation" / GRID)
+    out.figures[GRID] = f"end to end, one row per prompt: {' | '.join(['f32', *labels])}"
     out.timings["end_to_end"] = time.monotonic() - started
     return out
+
+
+def _captured(reference: dict[str, PartRequest], prompts: int, steps: int, unet_calls: int,
+              size: int) -> dict[str, tuple[list[Call], str]]:
+    """The calls each submodel replays, and how the report names them.
+
+    Text encoders: every call (one per prompt). UNet: `unet_calls` of the first prompt's
+    `steps` calls, evenly spaced, first and last included (the recording stopped after it).
+    """
+    unet = reference["unet"].calls[:steps]
+    chosen = evenly_spaced(len(unet), unet_calls)
+    batch = unet[0].inputs["sample"].shape[0] if unet else 0
+    tokenized = f"{prompts} prompt(s) tokenized by the bundle's tokenizer"
+    return {
+        "text_encoder": (reference["text_encoder"].calls, tokenized),
+        "text_encoder_2": (reference["text_encoder_2"].calls, tokenized),
+        "unet": ([unet[i] for i in chosen],
+                 f"steps {', '.join(str(i + 1) for i in chosen)} of {len(unet)} (batch {batch}, {size}x{size})"),
+    }
 
 
 def draw_charts(folder: Path, maxima: dict[str, dict[str, float]]) -> dict[str, str]:
