@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -403,10 +403,8 @@ def block_of(friendly_name: str) -> str | None:
 def activation_maxima(core: ov.Core, model: ov.Model | EmulatedModel, inputs: Inputs,
                       match: Callable[[str], bool] | None = None, *,
                       group_by: Callable[[str], str | None] = block_of,
-                      device: str = "CPU", more: Sequence[Inputs] = ()) -> dict[str, float]:
+                      device: str = "CPU") -> dict[str, float]:
     """Max |activation| per group (default: decoder block), computed in f32.
-
-    `more`: further input sets of the same shapes, folded into the maxima (one compile).
 
     Taps the `rounding_ops` (those whose friendly name `match`es, if given) with
     ReduceMax(|x|), NaN counted as inf, so a non-finite group reports inf.
@@ -431,9 +429,8 @@ def activation_maxima(core: ov.Core, model: ov.Model | EmulatedModel, inputs: In
     clone.add_results([ops.result(t) for _, t in taps])
     compiled = core.compile_model(with_static_shapes(clone, inputs), device, {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
+    request.infer({**dict(inputs), **(dict(emulated.extra_inputs) if emulated else {})})
     maxima: dict[str, float] = {}
-    for feed in (inputs, *more):
-        request.infer({**dict(feed), **(dict(emulated.extra_inputs) if emulated else {})})
-        for i, (group, _) in enumerate(taps):
-            maxima[group] = max(maxima.get(group, 0.0), float(request.get_output_tensor(first + i).data))
+    for i, (group, _) in enumerate(taps):
+        maxima[group] = max(maxima.get(group, 0.0), float(request.get_output_tensor(first + i).data))
     return maxima
