@@ -286,7 +286,7 @@ def _already_in(node: ov.Node, precision: Precision) -> bool:
     """A Convert from the target format itself (f16 weight decompression of int8/f16 IRs): exact.
 
     Rounding there is waste, and it keeps the CPU plugin from folding the decompression:
-    on the tiny int8 UNet it was 264 of 941 rounding points and most of the compile time.
+    on the tiny int8 UNet they were 264 of 941 rounding points; skipping them cut its compile 27 -> 16 s.
     """
     return (node.get_type_name() == "Convert" and precision == "f16"
             and node.input_value(0).get_element_type() == ov.Type.f16)
