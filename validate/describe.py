@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from convert.recipe import Recipe
-
-#: Submodels checked on inputs captured from the f32 pipeline run (mirrors submodels.SUBMODELS).
-CAPTURED = ("text_encoder", "text_encoder_2", "unet")
+from validate.submodels import SUBMODELS
 
 
 def describe_pipeline_checks(recipe: Recipe) -> list[str]:
@@ -16,7 +14,7 @@ def describe_pipeline_checks(recipe: Recipe) -> list[str]:
     size = f"{side}x{side}" if side else "native resolution"
     run = f"{len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}, guidance {e2e.guidance_scale:g}"
     lines = []
-    for part in (p for p in CAPTURED if p in v.components and recipe.settings_for(p).export):
+    for part in (p for p in SUBMODELS if p in v.components and recipe.settings_for(p).export):
         what = (f"{min(e2e.unet_calls, e2e.steps)} of the first prompt's {e2e.steps} UNet calls (batch 2)"
                 if part == "unet" else "the prompts as the bundle's tokenizer encodes them")
         for precision in recipe.precisions_for(part):
