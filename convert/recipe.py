@@ -233,9 +233,10 @@ class EndToEndSettings(_Strict):
 
 class ValidationSettings(_Strict):
     components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]] = Field(
-        default_factory=lambda: list(WEIGHTED_COMPONENTS), min_length=1,
+        default_factory=lambda: ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"], min_length=1,
         description="Submodels the gate checks at every target precision (text encoders and UNet on inputs "
-        "captured from an f32 run of the bundle; VAE parts on encoded photos and denoised latents); at least one.",
+        "captured from an f32 run of the bundle; VAE parts on encoded photos and denoised latents); at least one. "
+        "By default those of the pipeline family that it has.",
     )
     min_cosine: float = Field(
         default=0.999, ge=0.0, le=1.0,
@@ -357,7 +358,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        explicit = "components" in self.validation.model_fields_set
         for part in self.validation.components:
+            if part not in self.family.components:
+                if explicit:
+                    raise ValueError(f"validation.components lists {part}, which a {self.pipeline} pipeline does not have")
+                continue
             if not self.settings_for(part).export:
                 raise ValueError(f"validation.components lists {part} but components.{part}.export is false; "
                                  f"export it or leave it out of validation.components")

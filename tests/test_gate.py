@@ -76,7 +76,7 @@ def test_report_of_the_failed_build(failed_build: tuple[int, list[str], Path]) -
 
 
 def test_overflow_unet_fails_naming_its_block(failed_build: tuple[int, list[str], Path]) -> None:
-    from convert.synthetic import UNET_OVERFLOW_BLOCK
+    from convert.testing.sdxl import UNET_OVERFLOW_BLOCK
 
     code, failures, moved = failed_build
     unet = [f for f in failures if f.startswith("unet ")]

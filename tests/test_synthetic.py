@@ -415,7 +415,7 @@ def test_unet_twin_generator_is_the_pipeline_unet(tiny_sources: dict[str, Path],
     """The overflow UNet's unscaled twin is bitwise the tiny pipeline's UNet, which passes the gate."""
     from safetensors.numpy import load_file
 
-    from convert.synthetic import UNET_OVERFLOW_BLOCK
+    from convert.testing.sdxl import UNET_OVERFLOW_BLOCK
 
     twin = load_file(generate("tiny-sdxl-unet", tmp_path / "twin") / "diffusion_pytorch_model.safetensors")
     overflow = load_file(generate("tiny-sdxl-unet-fp16-overflow", tmp_path / "overflow") / "diffusion_pytorch_model.safetensors")

@@ -8,6 +8,8 @@ from validate.submodels import SUBMODELS
 
 def describe_pipeline_checks(recipe: Recipe) -> list[str]:
     v, e2e = recipe.validation, recipe.validation.end_to_end
+    if not set(SUBMODELS) <= set(recipe.family.components):
+        return []  # the end-to-end run drives an SDXL-layout pipeline (validate/pipeline_run.py)
     if not e2e.prompts:
         return ["no end-to-end run and no text-encoder/UNet checks (validation.end_to_end.prompts is empty)"]
     side = e2e.resolution or v.resolution
