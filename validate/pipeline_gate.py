@@ -90,7 +90,7 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
 
     started = time.monotonic()
     say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}x{size}")
-    pipeline = load_pipeline(bundle_dir)
+    pipeline = load_pipeline(bundle_dir, recipe.family.optimum_class)
     reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked)
                  for p in present}
     install(pipeline, reference)

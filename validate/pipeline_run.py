@@ -125,11 +125,11 @@ def _by_name(result: Any) -> dict[str, np.ndarray]:
             for i, (port, value) in enumerate(result.to_dict().items())}
 
 
-def load_pipeline(bundle_dir: Path) -> Any:
+def load_pipeline(bundle_dir: Path, optimum_class: str = "OVStableDiffusionXLPipeline") -> Any:
     """The bundle as optimum-intel loads it, uncompiled (its parts get `PartRequest`s)."""
-    from optimum.intel import OVStableDiffusionXLPipeline
+    import optimum.intel
 
-    return OVStableDiffusionXLPipeline.from_pretrained(bundle_dir, device="CPU", compile=False)
+    return getattr(optimum.intel, optimum_class).from_pretrained(bundle_dir, device="CPU", compile=False)
 
 
 def install(pipeline: Any, requests: Mapping[str, PartRequest]) -> None:
