@@ -321,6 +321,12 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
             extra = f"; original VAE: {orig['non_finite']}/{orig['values']} non-finite" if orig else ""
             console.print(f"validation {precision}: {h['non_finite']}/{h['values']} non-finite, "
                           f"min PSNR {h['min_psnr_db']} dB{extra}", highlight=False)
+    for precision, h in headline.get("submodels", {}).items():
+        console.print(f"submodels {precision}: {h['non_finite']}/{h['values']} non-finite, min cosine {h['min_cosine']} "
+                      f"(text encoders, UNet on captured inputs)", highlight=False)
+    for precision, h in headline.get("end_to_end", {}).items():
+        console.print(f"end to end {precision}: {h['non_finite']}/{h['values']} non-finite, min PSNR {h['min_psnr_db']} "
+                      f"dB, min SSIM {h['min_ssim']} vs f32", highlight=False)
     console.print(f"report: {result.bundle / 'validation' / 'report.md'}", highlight=False, soft_wrap=True)
     if result.timings:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), highlight=False)

@@ -201,10 +201,46 @@ class Target(_Strict):
     )
 
 
+class EndToEndSettings(_Strict):
+    """The whole exported pipeline at the target precision vs f32: the image a user would see."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of an astronaut riding a horse", "a watercolor of a lighthouse at dusk"],
+        max_length=8, description="Prompts generated at f32 and at each target precision (same seeds). The f32 run also "
+        "captures the text-encoder and UNet inputs their checks replay; empty: neither runs.",
+    )
+    steps: int = Field(default=3, ge=2, le=MAX_DENOISE_STEPS, description="Denoising steps per image.")
+    unet_calls: int = Field(
+        default=3, ge=2, le=MAX_DENOISE_STEPS, description="UNet calls of the first prompt replayed at each precision, evenly spaced, first and last included."
+    )
+    guidance_scale: float = Field(
+        default=5.0, gt=1.0, description="Classifier-free guidance scale (> 1, so the UNet runs a batch of 2, as in use)."
+    )
+    seed: int = Field(default=0, description="Seed of the first prompt; prompt i uses seed + i.")
+    resolution: Annotated[int, AfterValidator(image_side)] | None = Field(
+        default=None, description="Image side; default validation.resolution, else the pipeline's native size."
+    )
+    gate: bool = Field(default=True, description="Fail the build on an image outside the limits below; false: report only.")
+    max_non_finite: int = Field(default=0, ge=0, description="Non-finite values allowed in a target-precision image.")
+    min_ssim: float | None = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="SSIM floor vs the f32 image (scikit-image, RGB): catches a destroyed image, not detail drift; null: off.",
+    )
+    min_psnr_db: Annotated[float, AfterValidator(psnr_floor)] | None = Field(
+        default=None, description="PSNR floor vs the f32 image; off by default (denoising amplifies harmless rounding)."
+    )
+
+
 class ValidationSettings(_Strict):
-    components: list[Literal["vae_decoder", "vae_encoder"]] = Field(
-        default_factory=lambda: ["vae_decoder", "vae_encoder"], min_length=1,
-        description="VAE parts the gate decodes/encodes (at least one; a gate that checks nothing is no gate).",
+    components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]] = Field(
+        default_factory=lambda: ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"], min_length=1,
+        description="Submodels the gate checks at every target precision (text encoders and UNet on inputs "
+        "captured from an f32 run of the bundle; VAE parts on encoded photos and denoised latents); at least one. "
+        "By default those of the pipeline family that it has.",
+    )
+    min_cosine: float = Field(
+        default=0.999, ge=0.0, le=1.0,
+        description="Cosine similarity floor of text-encoder/UNet outputs at half precision vs the same IR at f32.",
     )
     max_non_finite: int = Field(default=0, ge=0, description="Non-finite output values allowed (SD.Next 'invalid=').")
     min_psnr_db: Annotated[float, AfterValidator(psnr_floor)] = Field(
@@ -234,6 +270,9 @@ class ValidationSettings(_Strict):
         default=4.0, ge=1.0, description="fp16_fix runtime-scale/rescale: every f16 value stays below 65504 / this."
     )
     prompt: str = Field(default="a photo of an astronaut riding a horse", description="Prompt for the denoising run.")
+    end_to_end: EndToEndSettings = Field(
+        default_factory=EndToEndSettings, description="Whole-pipeline images at the target precision vs f32."
+    )
 
     @field_validator("images")
     @classmethod
@@ -247,7 +286,7 @@ class ValidationSettings(_Strict):
     @classmethod
     def _distinct_parts(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
-            raise ValueError("lists a VAE part twice")
+            raise ValueError("lists a component twice")
         return value
 
 
@@ -319,7 +358,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        explicit = "components" in self.validation.model_fields_set
         for part in self.validation.components:
+            if part not in self.family.components:
+                if explicit:
+                    raise ValueError(f"validation.components lists {part}, which a {self.pipeline} pipeline does not have")
+                continue
             if not self.settings_for(part).export:
                 raise ValueError(f"validation.components lists {part} but components.{part}.export is false; "
                                  f"export it or leave it out of validation.components")

@@ -142,3 +142,86 @@ def test_unchanged_rebuild_reuses_the_bundle(tiny_build, artifacts_root: Path) -
     assert again.reused is True
     assert again.bundle == tiny_build.bundle
     assert again.build_id == tiny_build.build_id
+
+
+def _md_rows(text: str, header_start: str) -> list[list[str]]:
+    """Cells of the Markdown table whose header row starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _num(value: object) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def test_report_gates_every_submodel_and_the_images(tiny_build) -> None:
+    folder = tiny_build.bundle / "validation"
+    report = json.loads((folder / "report.json").read_text())
+    rows = {(r["component"], r["precision"]): r for r in report["submodels"]}
+    assert set(rows) == {(c, p) for c in ("text_encoder", "text_encoder_2", "unet") for p in ("f16", "f32")}
+    assert all(r["passed"] and r["invalid"] == 0 and r["total"] > 0 for r in rows.values())
+    assert rows["unet", "f16"]["execution"].startswith("emulated")
+    assert rows["unet", "f16"]["inputs"] == "steps 1, 2, 3 of 3 (batch 2, 64x64)" and rows["unet", "f16"]["calls"] == 3
+    assert 0.999 <= rows["unet", "f16"]["min_cosine"] < 1 and rows["unet", "f32"]["min_cosine"] == 1
+    assert {"mid_block.attentions.0", "up_blocks.2.resnets.2", "down_blocks.1.attentions.0"} <= set(
+        rows["unet", "f16"]["max_abs_activation"])
+    images = report["end_to_end"]["images"]
+    assert [(i["precision"], i["seed"]) for i in images] == [("f16", 0), ("f16", 1)]
+    assert all(i["passed"] and i["invalid"] == 0 and i["ssim"] >= 0.5 for i in images)
+    assert images[0]["runs_as"]["unet"] == "f16 emulated"
+    assert report["headline"]["end_to_end"]["f16"]["min_ssim"] == min(i["ssim"] for i in images)
+    assert set(report["timings_s"]) == {"vae", "pipeline_f32", "submodels", "end_to_end"}
+
+
+def test_report_grid_and_headroom_charts(tiny_build) -> None:
+    from PIL import Image
+
+    from validate.charts import chart_size
+
+    folder = tiny_build.bundle / "validation"
+    report = json.loads((folder / "report.json").read_text())
+    with Image.open(folder / "end_to_end.png") as grid:
+        grid.verify()
+    with Image.open(folder / "end_to_end.png") as grid:  # f32 | f16, one row per prompt, 64x64 shown x4
+        assert grid.size == (2 * 256, 2 * 256) and grid.mode == "RGB"
+        pixels = np.asarray(grid)
+    assert not (pixels == (255, 0, 255)).all(axis=-1).any(), "no non-finite pixel in a passing build"
+    maxima = {r["component"]: r["max_abs_activation"] for r in report["submodels"]}
+    maxima |= {c["component"]: c["max_abs_activation"] for c in report["checks"] if c["max_abs_activation"]}
+    for component in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"):
+        name = f"headroom_{component}.png"
+        assert name in report["figures"]
+        with Image.open(folder / name) as chart:
+            assert chart.size == chart_size(len(maxima[component]))
+    text = (folder / "report.md").read_text()
+    for name in ["end_to_end.png", *(f"headroom_{c}.png" for c in maxima)]:
+        assert f"(./{name})" in text
+
+
+def test_report_markdown_numbers_match_json(tiny_build) -> None:
+    folder = tiny_build.bundle / "validation"
+    report = json.loads((folder / "report.json").read_text())
+    text = (folder / "report.md").read_text()
+    sub = _md_rows(text, "| component | precision | run as | inputs |")
+    assert [[r[0], r[1], r[4], r[5]] for r in sub] == [
+        [r["component"], r["precision"], f"{r['invalid']}/{r['total']} ({r['nan']} / {r['posinf']} / {r['neginf']})",
+         _num(r["min_cosine"])] for r in report["submodels"]]
+    blocks = _md_rows(text, "| component | block | max abs | headroom |")
+    seen = {r["component"]: r for r in report["submodels"]}
+    assert [[b[0], b[1], b[2], b[3]] for b in blocks] == [
+        [c, block, str(value), str(seen[c]["f16_headroom"][block])]
+        for c, r in seen.items() for block, value in r["max_abs_activation"].items()]
+    e2e = _md_rows(text, "| precision | prompt | seed |")
+    assert [[r[0], r[1], r[2], r[4], r[5], r[6]] for r in e2e] == [
+        [i["precision"], i["prompt"], str(i["seed"]), f"{i['invalid']}/{i['total']} ({i['nan']} / {i['posinf']} / "
+         f"{i['neginf']})", _num(i["psnr_db"]), _num(i["ssim"])] for i in report["end_to_end"]["images"]]
+    vae = _md_rows(text, "| component | VAE | precision |")
+    assert [[r[0], r[2], r[6]] for r in vae] == [
+        [c["component"], c["precision"], "n/a" if c["psnr_db"] is None else "inf" if c["psnr_db"] == "inf"
+         else f"{c['psnr_db']:.2f}"] for c in report["checks"]]

@@ -1,5 +1,7 @@
 """The FP16 gate on the real thing: the tiny pipeline's own (overflow-prone) VAE, built with no
-substitution, must fail at f16 with ~100% non-finite values, pass at f32, and be moved aside."""
+substitution, must fail at f16 with ~100% non-finite values, pass at f32, and be moved aside.
+The same build swaps in the overflow-prone tiny UNet, which must fail naming its block (its
+unscaled twin, the base pipeline's own UNet, passes in the embedded default's build)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,17 @@ from convert.cli import main
 RECIPE = """schema_version: 1
 name: tiny-sdxl-no-fix
 base: {generated: {generator: tiny-sdxl-base, seed: 0}}
+substitutions:
+  unet: {source: {generated: {generator: tiny-sdxl-unet-fp16-overflow, seed: 0}}}
 components:
   unet: {weights: fp16}
 target: {device: GPU, inference_precision: [f16, f32]}
-validation: {resolution: 64, small_resolution: 32, denoise_steps: 1, components: [vae_decoder]}
+validation:
+  resolution: 64
+  small_resolution: 32
+  denoise_steps: 1
+  components: [unet, vae_decoder]
+  end_to_end: {prompts: [a photo of a cat]}
 """
 
 
@@ -44,7 +53,7 @@ def test_original_vae_fails_the_f16_gate(failed_build: tuple[int, list[str], Pat
     assert "non-finite" in first and "substitute an FP16-fixed VAE (recipe key substitutions.vae)" in first
     invalid, total = first.split(": ", 1)[1].split(" ", 1)[0].split("/")
     assert int(invalid) == int(total) > 0  # every value, as SD.Next's invalid=3145728
-    assert not [f for f in failures if " f32" in f.split(":")[0]], "f32 must pass"
+    assert not [f for f in failures if " f32" in f.split(":")[0].split("(")[0]], "f32 must pass"
     assert moved.parent == artifacts_root / "broken" and moved.is_dir()
     assert not (artifacts_root / "tiny-sdxl-no-fix").exists()
 
@@ -64,3 +73,23 @@ def test_report_of_the_failed_build(failed_build: tuple[int, list[str], Path]) -
     assert report["headline"]["f16_headroom"] < 1
     assert "FAILED" in (moved / "validation" / "report.md").read_text()
     assert not (moved / "manifest.json").exists(), "a failed build must not look like a finished bundle"
+
+
+def test_overflow_unet_fails_naming_its_block(failed_build: tuple[int, list[str], Path]) -> None:
+    from convert.testing.sdxl import UNET_OVERFLOW_BLOCK
+
+    code, failures, moved = failed_build
+    unet = [f for f in failures if f.startswith("unet ")]
+    assert code == 6 and len(unet) == 1, failures
+    assert unet[0].startswith("unet f16: ") and "output values non-finite" in unet[0]
+    assert f"first overflow in block {UNET_OVERFLOW_BLOCK} (max |activation|" in unet[0]
+    assert unet[0].endswith("run the UNet at f32 on the target (components.unet.inference_precision: [f32]) "
+                            "or substitute a UNet without the overflow (substitutions.unet)")
+    report = json.loads((moved / "validation" / "report.json").read_text())
+    rows = {r["precision"]: r for r in report["submodels"] if r["component"] == "unet"}
+    assert rows["f16"]["invalid"] == rows["f16"]["total"] > 0 and rows["f16"]["first_overflow"] == UNET_OVERFLOW_BLOCK
+    assert rows["f32"]["passed"] and rows["f32"]["invalid"] == 0
+    images = report["end_to_end"]["images"]
+    assert [i["precision"] for i in images] == ["f16"] and images[0]["invalid"] == images[0]["total"]
+    assert any(f.startswith("end-to-end f16 ('a photo of a cat', seed 0): ") for f in failures)
+    assert (moved / "validation" / "end_to_end.png").is_file()

@@ -113,7 +113,7 @@ def test_unsafe_paths_and_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ("images: [astronot]", "validation.images: unknown sample image 'astronot'; did you mean 'astronaut'?"),
         ("images: []", "validation.images: List should have at least 1 item"),
         ("components: []", "validation.components: List should have at least 1 item"),
-        ("components: [vae_decoder, vae_decoder]", "validation.components: lists a VAE part twice"),
+        ("components: [vae_decoder, vae_decoder]", "validation.components: lists a component twice"),
         ("max_non_finite: -1", "validation.max_non_finite: Input should be greater than or equal to 0"),
     ],
 )

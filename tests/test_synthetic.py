@@ -372,6 +372,8 @@ def test_registry_lists_the_documented_generators() -> None:
         "sdxl-vae-shapes-fp16-fix",
         "tiny-sd35-medium",
         "tiny-sdxl-refiner",
+        "tiny-sdxl-unet",
+        "tiny-sdxl-unet-fp16-overflow",
     }
 
 
@@ -407,3 +409,18 @@ def test_full_pipeline_has_sdxl_base_parameter_counts() -> None:
         "vae": 83_653_863,
     }
     assert {c.dtype for n, c in pipe.components.items() if isinstance(c, nn.Module)} == {torch.float16}
+
+
+def test_unet_twin_generator_is_the_pipeline_unet(tiny_sources: dict[str, Path], tmp_path: Path) -> None:
+    """The overflow UNet's unscaled twin is bitwise the tiny pipeline's UNet, which passes the gate."""
+    from safetensors.numpy import load_file
+
+    from convert.testing.sdxl import UNET_OVERFLOW_BLOCK
+
+    twin = load_file(generate("tiny-sdxl-unet", tmp_path / "twin") / "diffusion_pytorch_model.safetensors")
+    overflow = load_file(generate("tiny-sdxl-unet-fp16-overflow", tmp_path / "overflow") / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_sources["tiny-sdxl-base"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert twin.keys() == base.keys() == overflow.keys()
+    assert all(np.array_equal(twin[k], base[k]) for k in base)
+    changed = sorted(k for k in base if not np.array_equal(overflow[k], base[k]))
+    assert changed == sorted(f"{UNET_OVERFLOW_BLOCK}.{layer}.{p}" for layer in ("conv1", "time_emb_proj") for p in ("weight", "bias"))

@@ -2,12 +2,14 @@
 
 Half precision runs for real where the host computes it, and is emulated on the IR
 graph where OpenVINO would silently run f32 instead (AVX2 CPUs): a "f16 check" that
-really ran f32 would pass the very VAE this project exists to catch.
+really ran f32 would pass the very VAE this project exists to catch. The text encoders,
+the UNet and the whole pipeline's images are judged afterwards (validate/pipeline_gate.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ def describe_checks(recipe: Recipe) -> list[str]:
         inputs.append(f"{', '.join(v.images[n_full:])} at {v.small_resolution}x{v.small_resolution}")
     lines = []
     for part in v.components:
-        if not recipe.settings_for(part).export:
+        if not recipe.settings_for(part).export or part not in IO_NAMES:
             continue
         for precision in recipe.precisions_for(part):
             how = "" if precision == "f32" else f" (on {recipe.target.device} if present and really {precision}, else emulated)"
@@ -49,6 +51,9 @@ def describe_checks(recipe: Recipe) -> list[str]:
                 f"{part} at {precision}{how}: non-finite <= {v.max_non_finite}, PSNR >= {v.min_psnr_db:g} dB "
                 f"vs original VAE f32; inputs: {'; '.join(inputs)}{denoise}"
             )
+    from validate.describe import describe_pipeline_checks
+
+    lines += describe_pipeline_checks(recipe)
     if "vae" in recipe.substitutions and v.check_original:
         lines.append("original VAE at the same precisions, for comparison (reported, never gates)")
     return lines
@@ -106,7 +111,8 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
     if "vae" in patched.substituted and settings.check_original:
         targets.append(("original", original_vae))
     image_dir = bundle_dir / "validation"
-    for part in settings.components:
+    started = time.monotonic()
+    for part in (p for p in settings.components if p in IO_NAMES):
         xml = bundle_dir / part / "openvino_model.xml"
         if not xml.is_file():
             continue
@@ -120,6 +126,11 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
                 for precision in recipe.precisions_for(part):
                     notify(f"validate: {part} {precision} ({label} VAE)")
                     report.checks += _check_all(core, model, part, label, precision, recipe, sets, refs, image_dir, report)
+    report.timings["vae"] = time.monotonic() - started
+    from validate.pipeline_gate import attach_pipeline_checks
+
+    with stage_errors("pipeline", bundle_dir):
+        attach_pipeline_checks(report, bundle_dir, recipe, core, full, notify)
     return report
 
 

@@ -282,6 +282,16 @@ def _rounding(x: ov.Output, p: dict[str, ov.Node], overflow_only: bool, name: st
     return out
 
 
+def _already_in(node: ov.Node, precision: Precision) -> bool:
+    """A Convert from the target format itself (f16 weight decompression of int8/f16 IRs): exact.
+
+    Rounding there is waste, and it keeps the CPU plugin from folding the decompression:
+    on the tiny int8 UNet they were 264 of 941 rounding points; skipping them cut its compile 27 -> 16 s.
+    """
+    return (node.get_type_name() == "Convert" and precision == "f16"
+            and node.input_value(0).get_element_type() == ov.Type.f16)
+
+
 def emulate(model: ov.Model, precision: Precision = "f16", *, overflow_only: bool = False) -> EmulatedModel:
     """A new model whose f32 execution rounds like `precision` hardware after every op.
 
@@ -300,6 +310,8 @@ def emulate(model: ov.Model, precision: Precision = "f16", *, overflow_only: boo
         p.output(0).set_names({full})
     points = 0
     for node in rounding_ops(clone):
+        if _already_in(node, precision):
+            continue
         for out in node.outputs():
             targets = list(out.get_target_inputs())
             if not _is_float(out) or not targets:

@@ -10,6 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from validate.end_to_end import ImageComparison, Thresholds
+from validate.end_to_end import markdown as image_markdown
+from validate.submodels import SubmodelResult
+from validate.submodels import markdown as submodel_markdown
+
 F16_MAX = 65504.0
 
 
@@ -50,6 +55,11 @@ class ValidationReport:
     inputs: dict[str, str] = field(default_factory=dict)  # input set name -> description
     samples: dict[str, str] = field(default_factory=dict)  # png name -> caption
     fp16_fixes: list[dict[str, Any]] = field(default_factory=list)  # per VAE part: fp16_fix mode and its numbers
+    submodels: list[SubmodelResult] = field(default_factory=list)  # text encoders, UNet (validate/submodels.py)
+    images: list[ImageComparison] = field(default_factory=list)  # end to end (validate/end_to_end.py)
+    image_limits: Thresholds | None = None
+    figures: dict[str, str] = field(default_factory=dict)  # grid and headroom charts: png name -> caption
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the gate
 
     @property
     def gating_checks(self) -> list[CheckResult]:
@@ -57,11 +67,14 @@ class ValidationReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.gating_checks) and all(c.passed for c in self.gating_checks)
+        return (bool(self.gating_checks) and all(c.passed for c in self.gating_checks)
+                and all(r.passed for r in self.submodels) and all(r.passed for r in self.images if r.gating))
 
     @property
     def failures(self) -> list[str]:
         lines = [f for c in self.gating_checks for f in c.failures]
+        lines += [f for r in self.submodels for f in r.failures]
+        lines += [f for r in self.images if r.gating for f in r.failures]
         if not self.gating_checks:
             lines.append("no validation check ran; enable validation.components in the recipe")
         return lines
@@ -89,7 +102,7 @@ class ValidationReport:
             out["max_abs_activation"] = float(max(activations))
             out["f16_headroom"] = round(F16_MAX / max(activations), 3) if max(activations) > 0 else None
         out["execution"] = sorted({c.execution.split(":")[0] for c in self.checks if c.precision != "f32"})
-        return out
+        return out | pipeline_headline(self.submodels, self.images)
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable({
@@ -105,6 +118,11 @@ class ValidationReport:
             ],
             "samples": self.samples,
             "fp16_fixes": self.fp16_fixes,
+            "submodels": [r.to_json() for r in self.submodels],
+            "end_to_end": {"thresholds": asdict(self.image_limits) if self.image_limits else None,
+                           "images": [r.to_json() for r in self.images]},
+            "figures": self.figures,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
         })
 
     def to_markdown(self, image_dir: str = ".") -> str:
@@ -134,6 +152,7 @@ class ValidationReport:
                                  f"{_fmt(_headrooms(c)[block], '.3g')} |")
         if self.fp16_fixes:
             lines += ["", "FP16 fixes:", ""] + [f"- {_describe_fix(f)}" for f in self.fp16_fixes]
+        lines += submodel_markdown(self.submodels) + image_markdown(self.images, self.image_limits)
         if self.failures:
             lines += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]
         if self.inputs:
@@ -143,6 +162,8 @@ class ValidationReport:
             lines += ["", "How half precision ran:", ""] + [f"- {m}" for m in modes]
         if self.samples:
             lines += [""] + [f"![{cap}]({image_dir}/{name})" for name, cap in self.samples.items()]
+        if self.figures:
+            lines += [""] + [f"![{cap}]({image_dir}/{name})" for name, cap in self.figures.items()]
         return "\n".join(lines) + "\n"
 
     def write(self, folder: Path) -> None:
@@ -203,3 +224,25 @@ def save_png(images: np.ndarray, path: Path) -> None:
         tiles.append(rgb)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+
+
+def pipeline_headline(submodels: list[SubmodelResult], images: list[ImageComparison]) -> dict[str, Any]:
+    """Worst submodel and end-to-end numbers per precision, for the card and the CLI summary."""
+    out: dict[str, Any] = {}
+    for precision in sorted({r.precision for r in submodels}):
+        rows = [r for r in submodels if r.precision == precision]
+        cosines = [r.min_cosine for r in rows]
+        out.setdefault("submodels", {})[precision] = {
+            "non_finite": sum(r.invalid for r in rows), "values": sum(r.total for r in rows),
+            "min_cosine": None if None in cosines else min(c for c in cosines if c is not None),
+            "failed": sorted({r.component for r in rows if not r.passed}),
+        }
+    for precision in sorted({r.precision for r in images}):
+        rows = [r for r in images if r.precision == precision]
+        psnrs, ssims = [r.psnr_db for r in rows], [r.ssim for r in rows]
+        out.setdefault("end_to_end", {})[precision] = {
+            "non_finite": sum(r.invalid for r in rows), "values": sum(r.total for r in rows),
+            "min_psnr_db": None if None in psnrs else min(p for p in psnrs if p is not None),
+            "min_ssim": None if None in ssims else min(s for s in ssims if s is not None),
+        }
+    return out

@@ -11,7 +11,9 @@ builds both from seeded random weights:
   (see ``/work/shared/notes/fp16-numerics.md``);
 * :func:`fix_vae_for_fp16` derives the FP16-safe twin without training (the operation is
   :mod:`convert.rescale`), and :func:`build_offstream_overflow_vae` adds overflow off the
-  stream (a resnet's conv1), which a stream-only fix misses.
+  stream (a resnet's conv1), which a stream-only fix misses;
+* :func:`build_tiny_unet` with ``overflow=True`` is the tiny UNet with one resnet's inner
+  activation scaled past the FP16 range, f32 output unchanged (the UNet gate's fixture).
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ if TYPE_CHECKING:  # diffusers/transformers cost seconds to import: only load th
     from transformers import CLIPTokenizer
 
 __all__ = [
-    "Size", "build_full_sdxl_pipeline", "build_offstream_overflow_vae", "build_overflow_vae", "build_tiny_sdxl_pipeline",
-    "build_tokenizers", "fix_vae_for_fp16", "sdxl_base_shapes", "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base",
-    "tiny_sdxl_vae_fp16_fix", "tiny_sdxl_vae_offstream_overflow", "write_pipeline", "write_vae",
+    "Size", "UNET_OVERFLOW_BLOCK", "build_full_sdxl_pipeline", "build_offstream_overflow_vae", "build_overflow_vae",
+    "build_tiny_sdxl_pipeline", "build_tiny_unet", "build_tokenizers", "fix_vae_for_fp16", "sdxl_base_shapes",
+    "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base", "tiny_sdxl_unet", "tiny_sdxl_unet_fp16_overflow",
+    "tiny_sdxl_vae_fp16_fix", "tiny_sdxl_vae_offstream_overflow", "write_pipeline", "write_unet", "write_vae",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -408,6 +411,16 @@ def _text_encoder(
     return _seeded(lambda: cls(config), name, seed, dtype)
 
 
+def _pipeline_unet_config(shape: _PipelineShape) -> dict[str, Any]:
+    """UNet config whose cross-attention and added-cond sizes fit the pipeline's text encoders."""
+    return _sdxl_unet_config(
+        cross_attention_dim=shape.text_encoder.hidden_size + shape.text_encoder_2.hidden_size,
+        addition_time_embed_dim=shape.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * shape.addition_time_embed_dim + shape.text_encoder_2.projection_dim,
+        **shape.unet,
+    )
+
+
 def _build_pipeline(shape: _PipelineShape, seed: int, dtype: torch.dtype) -> StableDiffusionXLPipeline:
     """Assemble an SDXL pipeline whose cross-attention and added-cond sizes fit its encoders."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -415,12 +428,7 @@ def _build_pipeline(shape: _PipelineShape, seed: int, dtype: torch.dtype) -> Sta
     tokenizer, tokenizer_2 = build_tokenizers()
     text_encoder = _text_encoder(shape.text_encoder, tokenizer, False, seed, dtype)
     text_encoder_2 = _text_encoder(shape.text_encoder_2, tokenizer_2, True, seed, dtype)
-    unet_config = _sdxl_unet_config(
-        cross_attention_dim=shape.text_encoder.hidden_size + shape.text_encoder_2.hidden_size,
-        addition_time_embed_dim=shape.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=6 * shape.addition_time_embed_dim + shape.text_encoder_2.projection_dim,
-        **shape.unet,
-    )
+    unet_config = _pipeline_unet_config(shape)
     unet = _seeded(lambda: UNet2DConditionModel(**unet_config), "unet", seed, dtype)
     vae = _cast(build_overflow_vae(shape.vae, seed), dtype)
     return StableDiffusionXLPipeline(
@@ -443,6 +451,29 @@ def build_full_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float16) 
     one at a time, so no f32 copy of the model ever exists.
     """
     return _build_pipeline(_PIPELINE_SHAPES["full"], seed, dtype)
+
+
+# --------------------------------------------------------------------------- overflow-prone UNet
+
+#: The resnet whose inner activation is scaled up, and by how much. Its conv1 output (plus the
+#: time projection added to it) only feeds norm2, a GroupNorm: scaling both by s changes the
+#: f32 output by GroupNorm's eps only, while at f16 the scaled values (~4 * 2**16) overflow and
+#: norm2 turns the whole output NaN, like a distilled or quantized fine-tune gone wrong.
+UNET_OVERFLOW_BLOCK = "up_blocks.1.resnets.1"
+_UNET_OVERFLOW_GAIN = 2.0**16
+
+
+def build_tiny_unet(seed: int = 0, *, overflow: bool = False) -> Any:
+    """The tiny pipeline's UNet (same seeded weights), optionally with the f16 overflow built in."""
+    from diffusers import UNet2DConditionModel
+
+    config = _pipeline_unet_config(_PIPELINE_SHAPES["tiny"])
+    unet = _seeded(lambda: UNet2DConditionModel(**config), "unet", seed, torch.float32)
+    if overflow:
+        resnet = unet.get_submodule(UNET_OVERFLOW_BLOCK)
+        _scale_(resnet.conv1, _UNET_OVERFLOW_GAIN)
+        _scale_(resnet.time_emb_proj, _UNET_OVERFLOW_GAIN)
+    return unet
 
 
 # --------------------------------------------------------------------------- writing
@@ -498,10 +529,19 @@ def write_pipeline(pipe: StableDiffusionXLPipeline, out_dir: Path, variant: str 
 
 def write_vae(vae: AutoencoderKL, out_dir: Path) -> Path:
     """Save a standalone VAE repo (config.json + diffusion_pytorch_model.safetensors) atomically."""
+    return _write_model(vae, out_dir, "VAE")
+
+
+def write_unet(unet: Any, out_dir: Path) -> Path:
+    """Save a standalone UNet repo (for `substitutions.unet`) atomically."""
+    return _write_model(unet, out_dir, "UNet")
+
+
+def _write_model(model: Any, out_dir: Path, what: str) -> Path:
     out_dir = Path(out_dir)
     with _atomic_dir(out_dir) as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
-    logger.info("wrote VAE %s", out_dir)
+        model.save_pretrained(tmp, safe_serialization=True)
+    logger.info("wrote %s %s", what, out_dir)
     return out_dir
 
 
@@ -530,3 +570,12 @@ def sdxl_vae_shapes(out_dir: Path, seed: int) -> Path:
 
 def sdxl_vae_shapes_fp16_fix(out_dir: Path, seed: int) -> Path:
     return write_vae(fix_vae_for_fp16(build_overflow_vae("full", seed)), out_dir)
+
+
+def tiny_sdxl_unet(out_dir: Path, seed: int) -> Path:
+    """The tiny pipeline's own UNet, standalone: the unscaled twin of the overflow one."""
+    return write_unet(build_tiny_unet(seed), out_dir)
+
+
+def tiny_sdxl_unet_fp16_overflow(out_dir: Path, seed: int) -> Path:
+    return write_unet(build_tiny_unet(seed, overflow=True), out_dir)

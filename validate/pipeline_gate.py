@@ -1,0 +1,175 @@
+"""The gate beyond the VAE: one f32 run of the bundle's pipeline feeds every other check.
+
+1. Generate the recipe's prompts at f32 with every submodel recording its calls (the
+   reference images, and the real inputs of the text encoders and the UNet).
+2. Replay those calls through each text encoder and the UNet at each target precision
+   (submodels.py), with per-block headroom from an f32 tapped run.
+3. Generate the same prompts, seeds and steps with every submodel at the target precision
+   (emulated where `plan_execution` says so) and compare the images (end_to_end.py).
+4. Draw the side-by-side grid and one headroom chart per submodel for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.recipe import Recipe
+from validate.end_to_end import ImageComparison, Thresholds, compare, save_grid
+from validate.pipeline_run import PARTS, Call, PartRequest, evenly_spaced, generate, install, load_pipeline
+from validate.precision import ExecutionMode, plan_execution
+from validate.submodels import SUBMODELS, SubmodelResult, check_submodel, per_block
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+GRID = "end_to_end.png"
+
+
+@dataclass
+class PipelineChecks:
+    """What this gate adds to the report."""
+
+    submodels: list[SubmodelResult] = field(default_factory=list)
+    images: list[ImageComparison] = field(default_factory=list)
+    limits: Thresholds | None = None
+    figures: dict[str, str] = field(default_factory=dict)  # png name -> caption
+    maxima: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> block -> max |act|
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_precision(recipe: Recipe, label: str, part: str) -> str:
+    """The precision `part` runs at in the end-to-end run labelled `label`.
+
+    A component pinned to other precisions (e.g. `components.unet.inference_precision: [f32]`,
+    the fix for an overflowing UNet) runs at its own first precision, as it will on the device.
+    """
+    own = recipe.precisions_for(part)
+    return label if label in own else own[0]
+
+
+class _Modes:
+    """ExecutionModes and compiled requests, shared by the submodel replay and the end-to-end run."""
+
+    def __init__(self, core: Any, device: str, models: dict[str, Any]) -> None:
+        self.core, self.device, self.models = core, device, models
+        self._requests: dict[tuple[str, str], PartRequest] = {}
+
+    def mode(self, precision: str) -> ExecutionMode:
+        return plan_execution(self.core, self.device if precision != "f32" else "CPU", precision)  # type: ignore[arg-type]
+
+    def request(self, part: str, precision: str) -> PartRequest:
+        if (part, precision) not in self._requests:
+            self._requests[part, precision] = PartRequest(self.core, self.models[part], self.mode(precision))
+        return self._requests[part, precision]
+
+
+def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size: int,
+                        notify: Progress | None = None) -> PipelineChecks:
+    say = notify or (lambda _m: None)
+    settings, e2e = recipe.validation, recipe.validation.end_to_end
+    out = PipelineChecks(limits=Thresholds(e2e.max_non_finite, e2e.min_ssim, e2e.min_psnr_db, e2e.gate))
+    present = [p for p in PARTS if (bundle_dir / p / "openvino_model.xml").is_file()]
+    if not e2e.prompts or set(PARTS) - set(present):
+        log.info("no end-to-end run: %s", "no prompts" if not e2e.prompts else f"bundle lacks {set(PARTS) - set(present)}")
+        return out
+    size = e2e.resolution or settings.resolution or native_size
+    device = recipe.target.device if recipe.target.device in core.available_devices else "CPU"
+    modes = _Modes(core, device, {p: core.read_model(bundle_dir / p / "openvino_model.xml") for p in present})
+    checked = [p for p in SUBMODELS if p in settings.components]
+
+    def images(pipeline: Any) -> list[np.ndarray]:
+        return [generate(pipeline, prompt, steps=e2e.steps, size=size, guidance_scale=e2e.guidance_scale,
+                         seed=e2e.seed + i) for i, prompt in enumerate(e2e.prompts)]
+
+    started = time.monotonic()
+    say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}x{size}")
+    pipeline = load_pipeline(bundle_dir, recipe.family.optimum_class)
+    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked)
+                 for p in present}
+    install(pipeline, reference)
+    f32_images = images(pipeline)
+    out.timings["pipeline_f32"] = time.monotonic() - started
+
+    started = time.monotonic()
+    for part, (calls, described) in _captured(reference, len(e2e.prompts), e2e.steps, e2e.unet_calls, size).items():
+        if part not in checked:
+            continue
+        maxima = per_block(reference[part].maxima), list(reference[part].maxima.items())  # the whole f32 run
+        out.maxima[part] = maxima[0]
+        for precision in recipe.precisions_for(part):
+            say(f"validate: {part} {precision} on captured inputs")
+            out.submodels.append(check_submodel(
+                core, modes.models[part], part, modes.request(part, precision), calls, inputs=described,
+                min_cosine=settings.min_cosine, max_non_finite=settings.max_non_finite, maxima=maxima))
+    out.timings["submodels"] = time.monotonic() - started
+
+    started = time.monotonic()
+    labels = [p for p in recipe.target.inference_precision if p != "f32"]
+    columns = [f32_images]
+    for label in labels:
+        say(f"validate: end-to-end run at {label}")
+        runs = {part: run_precision(recipe, label, part) for part in present}
+        install(pipeline, {part: modes.request(part, runs[part]) for part in present})
+        runs_as = {part: f"{p} {'emulated' if modes.mode(p).emulated else 'native'}" for part, p in runs.items()}
+        columns.append(images(pipeline))
+        out.images += [compare(image, reference_image, precision=label, prompt=prompt, seed=e2e.seed + i,
+                               runs_as=runs_as, limits=out.limits)
+                       for i, (prompt, image, reference_image) in enumerate(zip(e2e.prompts, columns[-1], f32_images))]
+    del pipeline
+    save_grid([[column[i] for column in columns] for i in range(len(e2e.prompts))], bundle_dir / "validation" / GRID)
+    out.figures[GRID] = f"end to end, one row per prompt: {' | '.join(['f32', *labels])}"
+    out.timings["end_to_end"] = time.monotonic() - started
+    return out
+
+
+def _captured(reference: dict[str, PartRequest], prompts: int, steps: int, unet_calls: int,
+              size: int) -> dict[str, tuple[list[Call], str]]:
+    """The calls each submodel replays, and how the report names them.
+
+    Text encoders: every call (one per prompt). UNet: `unet_calls` of the first prompt's
+    `steps` calls, evenly spaced, first and last included (the recording stopped after it).
+    """
+    unet = reference["unet"].calls[:steps]
+    chosen = evenly_spaced(len(unet), unet_calls)
+    batch = unet[0].inputs["sample"].shape[0] if unet else 0
+    tokenized = f"{prompts} prompt(s) tokenized by the bundle's tokenizer"
+    return {
+        "text_encoder": (reference["text_encoder"].calls, tokenized),
+        "text_encoder_2": (reference["text_encoder_2"].calls, tokenized),
+        "unet": ([unet[i] for i in chosen],
+                 f"steps {', '.join(str(i + 1) for i in chosen)} of {len(unet)} (batch {batch}, {size}x{size})"),
+    }
+
+
+def draw_charts(folder: Path, maxima: dict[str, dict[str, float]]) -> dict[str, str]:
+    """One headroom chart per submodel; returns png name -> caption."""
+    from validate.charts import headroom_chart
+
+    figures = {}
+    for component, blocks in maxima.items():
+        if blocks:
+            name = f"headroom_{component}.png"
+            headroom_chart(f"{component}: max |activation| per block (f32 run) vs f16 max 65504", blocks, folder / name)
+            figures[name] = f"{component} headroom: max |activation| per block vs 65504"
+    return figures
+
+
+def attach_pipeline_checks(report: Any, bundle_dir: Path, recipe: Recipe, core: Any, native_size: int,
+                           notify: Progress | None = None) -> None:
+    """Run the pipeline checks and put them, the grid and the headroom charts into `report`."""
+    found = run_pipeline_checks(bundle_dir, recipe, core, native_size, notify)
+    report.submodels, report.images, report.image_limits = found.submodels, found.images, found.limits
+    report.figures |= found.figures
+    report.timings |= found.timings
+    maxima = dict(found.maxima)
+    for check in report.gating_checks:  # the shipped VAE parts, from their own checks
+        if check.max_abs_activation and check.component not in maxima:
+            maxima[check.component] = check.max_abs_activation
+    report.figures |= draw_charts(bundle_dir / "validation", maxima)

@@ -1,0 +1,156 @@
+"""Run the exported pipeline itself, every submodel at a chosen precision, and record what it sees.
+
+optimum-intel's pipeline parts call `part.request(inputs, share_inputs=True)` and read the
+result by output, index or name. Replacing that request is the one seam that lets the real
+pipeline code (the bundle's tokenizers, the scheduler, classifier-free guidance, SDXL's
+added time ids) drive submodels compiled here: at f32 for the reference, recording every
+call, or at the target precision, emulated where the host would silently run f32 instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from validate.precision import EmulatedModel, ExecutionMode, compile_for, emulate
+
+log = logging.getLogger(__name__)
+
+#: Pipeline attributes of optimum's OV pipeline that run an exported submodel, in call order.
+PARTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One submodel call: inputs as the compiled model takes them, outputs by tensor name."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+def conform(model: ov.Model, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inputs as numpy in the model's element types and ranks.
+
+    The pipeline passes torch tensors and a 0-d float timestep where the IR takes int64 [?];
+    OpenVINO converts that on the fly for a dynamic model, but a static reshape needs it exact.
+    """
+    wanted = {p.get_any_name(): p for p in model.inputs}
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+        port = wanted.get(name)
+        if port is not None:
+            array = array.astype(port.get_element_type().to_dtype(), copy=False)
+            rank = port.get_partial_shape().rank
+            if rank.is_static and array.ndim < rank.get_length():
+                array = array.reshape((1,) * (rank.get_length() - array.ndim) + array.shape)
+        out[name] = array
+    return out
+
+
+class PartRequest:
+    """Stands in for one optimum part's compiled request; compiles once per input shape.
+
+    Static shapes let the CPU plugin fuse the emulation's rounding subgraphs (see
+    `with_static_shapes`); a denoising run calls the UNet with one shape throughout.
+    """
+
+    def __init__(self, core: ov.Core, model: ov.Model, mode: ExecutionMode, *, record: bool = False,
+                 taps: bool = False) -> None:
+        """`record`: keep every call; `taps` (f32 only): also keep max |activation| per op over all calls."""
+        self.core, self.model, self.mode, self.record = core, model, mode, record
+        self.runnable: ov.Model | EmulatedModel = emulate(model, mode.precision) if mode.emulated else model
+        self.tap_names: list[str] = []
+        if taps:
+            from validate.submodels import with_taps
+
+            if mode.emulated:
+                raise ValueError("taps on an emulated run: use submodels.block_maxima")
+            self.runnable, self.tap_names = with_taps(model)
+        self.maxima: dict[str, float] = {}  # tapped op -> max |activation|, graph order
+        self.calls: list[Call] = []
+        self._compiled: dict[tuple[tuple[str, tuple[int, ...]], ...], Any] = {}
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Outputs by tensor name for one call."""
+        return _by_name(self._infer(conform(self.model, inputs)))
+
+    def __call__(self, inputs: Mapping[str, Any], share_inputs: bool = True, **_: Any) -> Any:
+        """What optimum calls: returns OpenVINO's result object, readable by port, index or name."""
+        arrays = conform(self.model, inputs)
+        result = self._infer(arrays)
+        if self.record:
+            self.calls.append(Call({k: v.copy() for k, v in arrays.items()}, _by_name(result)))
+        return result
+
+    def _infer(self, arrays: dict[str, np.ndarray]) -> Any:
+        key = tuple(sorted((k, v.shape) for k, v in arrays.items()))
+        runner = self._compiled.get(key)
+        if runner is None:
+            runner = self._compiled[key] = compile_for(self.core, self.runnable, self.mode, arrays)
+        result = runner.compiled.create_infer_request().infer({**arrays, **dict(runner.extra_inputs)})
+        if not self.tap_names:
+            return result
+        from validate.submodels import fold_maxima
+
+        values = list(result.to_dict().values())
+        n = len(values) - len(self.tap_names)
+        fold_maxima(self.maxima, self.tap_names, [float(v) for v in values[n:]])
+        return _Outputs(list(result.to_dict().items())[:n])
+
+
+class _Outputs:
+    """The model's own outputs of a tapped run, readable like OpenVINO's result (by port, index, name)."""
+
+    def __init__(self, items: list[tuple[Any, np.ndarray]]) -> None:
+        self._items = items
+
+    def to_dict(self) -> dict[Any, np.ndarray]:
+        return dict(self._items)
+
+    def __getitem__(self, key: int | str) -> np.ndarray:
+        if isinstance(key, int):
+            return self._items[key][1]
+        return next(value for port, value in self._items if key in port.get_names())
+
+
+def _by_name(result: Any) -> dict[str, np.ndarray]:
+    return {min(port.get_names(), default=str(i)): np.array(value, copy=True)
+            for i, (port, value) in enumerate(result.to_dict().items())}
+
+
+def load_pipeline(bundle_dir: Path, optimum_class: str = "OVStableDiffusionXLPipeline") -> Any:
+    """The bundle as optimum-intel loads it, uncompiled (its parts get `PartRequest`s)."""
+    import optimum.intel
+
+    return getattr(optimum.intel, optimum_class).from_pretrained(bundle_dir, device="CPU", compile=False)
+
+
+def install(pipeline: Any, requests: Mapping[str, PartRequest]) -> None:
+    """Make the pipeline's parts run through `requests` (part attribute -> request)."""
+    for part, request in requests.items():
+        getattr(pipeline, part).request = request
+
+
+def generate(pipeline: Any, prompt: str, *, steps: int, size: int, guidance_scale: float, seed: int) -> np.ndarray:
+    """One image [H, W, 3] in [0, 1], NaN kept (a black image on a device is NaN here)."""
+    result = pipeline(
+        prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance_scale,
+        output_type="np", generator=np.random.RandomState(seed),
+    )
+    return np.asarray(result.images[0], dtype=np.float32)
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """k indices out of range(n), first and last included (all of them if k >= n)."""
+    if k >= n:
+        return list(range(n))
+    if k <= 1:
+        return [0] if k == 1 and n else []
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
