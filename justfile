@@ -61,3 +61,7 @@ schema: setup
 # full-size benchmarks (~1 h, up to ~16 GiB RAM): our convert vs optimum-cli, bundle speed; writes BENCHMARKS.md
 bench *args: setup
     "{{bin}}/python" scripts/bench.py {{args}}
+
+# pin a recipe's sources, files and tool versions in recipes/NAME.lock.json (prints what changed)
+lock recipe *flags: setup
+    "{{bin}}/sdxl-convert" lock {{recipe}} {{flags}}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import disk, fp16fix, package
+from convert import disk, fp16fix, lockfile, package
 from convert import staging as staging_mod
 from convert.capture import redirect_output
 from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, ValidationError,
@@ -132,7 +132,10 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
     return Plan(recipe, recipe_path, planned, components, planned_checks(recipe), output, build_id)
 
 
-def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
+def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progress: Progress | None = None,
+          locked: bool = False) -> BuildResult:
+    """Build a recipe; `locked` builds exactly what its lock file pins (or fails, exit 3), and
+    without it a successful build refreshes an existing lock file."""
     notify = progress or (lambda _m: None)
     recipe = load_recipe(recipe_path)
     disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
@@ -140,22 +143,48 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
     staging_mod.remove_stale_staging(workspace)
     with staging_mod.recipe_lock(workspace, recipe.name):
         _remove_interrupted_replacements(workspace, recipe.name)
-        return _locked_build(recipe, recipe_path, workspace, force, notify)
+        result, resolution = _locked_build(recipe, recipe_path, workspace, force, notify, locked)
+    path = lockfile.lock_path(recipe_path)
+    if not locked and path.is_file():
+        lockfile.write_lock(path, lockfile.lock_document(resolution))
+    return result
 
 
-def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force: bool, notify: Progress) -> BuildResult:
+def lock(recipe_path: Path, workspace: Workspace) -> tuple[Path, dict[str, Any], list[str]]:
+    """Resolve (metadata only) and write the recipe's lock; returns it and what changed since the last one."""
+    recipe = load_recipe(recipe_path)
+    with redirect_output(workspace.log_file(recipe.name, "resolve")):
+        document = lockfile.lock_document(resolve(recipe, recipe_path, workspace))
+    path = lockfile.lock_path(recipe_path)
+    changes = lockfile.diff_locks(lockfile.read_lock(path), document) if path.is_file() else ["new lock"]
+    lockfile.write_lock(path, document)
+    return path, document, changes
+
+
+def _resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace, locked: bool) -> Resolution:
+    if not locked:
+        return resolve(recipe, recipe_path, workspace)
+    path = lockfile.lock_path(recipe_path)
+    pinned = lockfile.read_lock(path)
+    resolution = resolve(recipe, recipe_path, workspace, pins=lockfile.pins(pinned))
+    lockfile.check_locked(path, pinned, lockfile.lock_document(resolution))
+    return resolution
+
+
+def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force: bool, notify: Progress,
+                  locked: bool) -> tuple[BuildResult, Resolution]:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     notify("resolve: pinning sources (generated sources are built on first use)")
     with _stage("resolve", timings, workspace, FetchError), redirect_output(workspace.log_file(recipe.name, "resolve")):
-        resolution = resolve(recipe, recipe_path, workspace)
+        resolution = _resolve(recipe, recipe_path, workspace, locked)
     timings["resolve"] = time.monotonic() - t0
     build_id = resolution.build_id
     dest = workspace.bundle_dir(recipe.name, build_id)
     if dest.is_dir() and not force and not package.verify(dest):
         notify(f"up to date: {dest}")
         info = package.load_bundle(dest)
-        return _result_from_existing(info, resolution)
+        return _result_from_existing(info, resolution), resolution
 
     with _stage("staging", {}, workspace, PackageError):
         staging = staging_mod.new_staging(workspace, build_id)
@@ -164,7 +193,7 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
     try:
         bundle_dir.mkdir()
         log_path.unlink(missing_ok=True)
-        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path)
+        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path), resolution
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

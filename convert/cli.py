@@ -151,7 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--plan", action="store_true", help="print the resolved plan and stop (no downloads)")
     conv.add_argument("--force", action="store_true", help="rebuild even if a bundle with this build id verifies")
     conv.add_argument("--publish", action="store_true", help="publish the bundle to the recipe's publish.repo")
+    conv.add_argument("--locked", action="store_true",
+                      help="build exactly what recipes/<name>.lock.json pins; fail (exit 3) if upstream differs")
     conv.set_defaults(func=_cmd_convert)
+
+    lock = sub.add_parser("lock", parents=[common], help="pin a recipe's sources, files and tools in <recipe>.lock.json")
+    lock.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a .yaml file")
+    lock.set_defaults(func=_cmd_lock)
 
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
     verify.add_argument("bundle", type=Path)
@@ -226,7 +232,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             console.log(message, highlight=False)
             status.update(message)
 
-        result = build_mod.build(path, workspace, force=args.force, progress=progress)
+        result = build_mod.build(path, workspace, force=args.force, progress=progress, locked=args.locked)
     published = None
     if args.publish:
         published = _publish(result.bundle, None, dry_run=False)
@@ -234,6 +240,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json() | ({"published": published} if published else {}), indent=2))
     else:
         _render_result(result, published)
+    return EXIT_OK
+
+
+def _cmd_lock(args: argparse.Namespace) -> int:
+    from convert import build as build_mod
+
+    path, document, changes = build_mod.lock(_recipe_path(args.recipe), _workspace(args))
+    if args.json:
+        print(json.dumps({"status": "ok", "lock": str(path), "changes": changes, "build_id": document["build_id"]}, indent=2))
+        return EXIT_OK
+    print(f"wrote {path} (build {document['build_id']})")
+    for line in changes or ["unchanged"]:
+        print(f"  {line}")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,16 +116,22 @@ def source_roles(recipe: Recipe) -> list[tuple[str, Source]]:
     return roles
 
 
-def resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace) -> Resolution:
-    """Pin all sources; generated sources are built here (offline) so they can be hashed."""
-    sources = tuple(resolve_source(role, src, workspace, recipe_path.parent) for role, src in source_roles(recipe))
+def resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace, pins: Mapping[str, str] | None = None) -> Resolution:
+    """Pin all sources; generated sources are built here (offline) so they can be hashed.
+
+    `pins` (role -> commit, from a lock file) replaces a Hub source's branch by the commit it
+    was locked at; a commit the Hub no longer serves is a FetchError like any missing revision.
+    """
+    sources = tuple(resolve_source(role, src, workspace, recipe_path.parent, (pins or {}).get(role))
+                    for role, src in source_roles(recipe))
     return Resolution(recipe=recipe, recipe_path=recipe_path, sources=sources, tool_versions=tool_versions())
 
 
-def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: Path) -> ResolvedSource:
+def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: Path,
+                   pin: str | None = None) -> ResolvedSource:
     """Pin one source; `recipe_dir` anchors a local source's relative path."""
     if source.hub is not None:
-        return _resolve_hub(role, source)
+        return _resolve_hub(role, source, pin)
     if source.local is not None:
         try:
             folder = source.local.folder(recipe_dir)
@@ -211,15 +218,16 @@ def list_folder(folder: Path) -> list[str]:
     )
 
 
-def _resolve_hub(role: str, source: Source) -> ResolvedSource:
+def _resolve_hub(role: str, source: Source, pin: str | None = None) -> ResolvedSource:
     from huggingface_hub import HfApi
 
     assert source.hub is not None
     hub = source.hub
+    revision = pin if pin and not pin.startswith("sha256:") else hub.revision
     try:
-        info = HfApi().model_info(hub.repo, revision=hub.revision, files_metadata=True)
+        info = HfApi().model_info(hub.repo, revision=revision, files_metadata=True)
     except Exception as e:  # wrapped into one line by hub_error
-        raise hub_error(role, hub.repo, hub.revision, e) from e
+        raise hub_error(role, hub.repo, revision, e) from e
     if not info.sha:
         raise FetchError(f"{role}: the Hub returned no commit for {hub.repo}@{hub.revision}")
     files = tuple(hub_files(info.siblings or []))

@@ -1,0 +1,123 @@
+"""Lock files through the CLI against the local Hub: written, diffed, enforced by `convert --locked`.
+
+No build runs here (a --locked build that matches its lock is the rebuild sequence's job,
+tests/test_rebuild.py): every refusal happens at resolve, in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from convert.cli import main as cli_main
+from convert.lockfile import diff_locks
+
+if TYPE_CHECKING:
+    from hub_server import HubServer
+
+pytestmark = [pytest.mark.hub, pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")]
+
+DOWNLOADS = ("GET",)
+
+
+@pytest.fixture(scope="module")
+def upstream(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A recipe naming two upstream repos by branch; returns (recipe, base repo, vae repo)."""
+    from huggingface_hub import HfApi
+
+    from conftest import HF_TEST_TOKEN
+    from test_publish import _recipe, _seed_upstream
+
+    root = tmp_path_factory.mktemp("lock")
+    api = HfApi(endpoint=hub_server.url, token=HF_TEST_TOKEN)
+    base_repo, vae_repo, _ = _seed_upstream(api, root / "upstream", root.name[-8:])
+    recipe = root / "recipes" / "hub-tiny-sdxl.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(_recipe(base_repo, vae_repo, f"test-user/lock-out-{root.name[-8:]}"))
+    return recipe, base_repo, vae_repo
+
+
+def _lock(recipe: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    assert cli_main(["lock", str(recipe), "--json", "--artifacts", str(tmp / "art")]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_lock_pins_commits_and_file_hashes_then_names_an_upstream_change(
+        upstream: tuple[Path, str, str], hub_server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from huggingface_hub import HfApi
+
+    from conftest import HF_TEST_TOKEN
+    from convert.testing import generate
+
+    recipe, base_repo, vae_repo = upstream
+    api = HfApi(endpoint=hub_server.url, token=HF_TEST_TOKEN)
+    start = len(hub_server.requests_log())
+    first = _lock(recipe, tmp_path, capsys)
+    requests = hub_server.requests_log()[start:]
+    assert not [r for r in requests if "/resolve/" in r[1]], "lock downloads no file, metadata only"
+    lock_file = recipe.with_name("hub-tiny-sdxl.lock.json")
+    assert first["lock"] == str(lock_file) and first["changes"] == ["new lock"]
+    document = json.loads(lock_file.read_text())
+    commits = {s["role"]: s["commit"] for s in document["sources"]}
+    assert commits == {"base": api.model_info(base_repo).sha, "substitutions.vae": api.model_info(vae_repo).sha}
+    base_files = {f["path"] for f in document["sources"][0]["files"]}
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in base_files and "unet/model.onnx" not in base_files
+    assert all(f["sha256"] or f.get("git_oid") for s in document["sources"] for f in s["files"])
+    assert "openvino" in document["tools"]
+
+    assert _lock(recipe, tmp_path, capsys)["changes"] == []  # nothing moved: same lock
+
+    vae = generate("tiny-sdxl-vae-fp16-fix", tmp_path / "vae-v2", 1)
+    new = api.upload_file(path_or_fileobj=vae / "diffusion_pytorch_model.safetensors",
+                          path_in_repo="diffusion_pytorch_model.safetensors", repo_id=vae_repo).oid
+    changes = _lock(recipe, tmp_path, capsys)["changes"]
+    assert changes == [f"substitutions.vae: commit {commits['substitutions.vae'][:12]} -> {new[:12]}",
+                       "substitutions.vae: ~ diffusion_pytorch_model.safetensors"]
+
+
+def test_locked_convert_refuses_a_file_whose_hash_differs(upstream: tuple[Path, str, str], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    recipe, _, _ = upstream
+    _lock(recipe, tmp_path, capsys)
+    lock_file = recipe.with_name("hub-tiny-sdxl.lock.json")
+    document = json.loads(lock_file.read_text())
+    entry = next(f for f in document["sources"][0]["files"] if f["path"] == "unet/diffusion_pytorch_model.fp16.safetensors")
+    entry["sha256"] = "0" * 64
+    lock_file.write_text(json.dumps(document))
+    art = tmp_path / "art"
+    code = cli_main(["convert", str(recipe), "--locked", "--artifacts", str(art)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "--locked: base: ~ unet/diffusion_pytorch_model.fp16.safetensors, not what hub-tiny-sdxl.lock.json pins" in err
+    assert not list(art.glob(".staging/*")) and not (art / "hub-tiny-sdxl").exists()
+
+
+def test_locked_convert_fails_when_upstream_no_longer_serves_the_commit(
+        upstream: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe, base_repo, _ = upstream
+    _lock(recipe, tmp_path, capsys)
+    lock_file = recipe.with_name("hub-tiny-sdxl.lock.json")
+    document = json.loads(lock_file.read_text())
+    document["sources"][0]["commit"] = "f" * 40  # a commit the Hub never had (or garbage-collected)
+    lock_file.write_text(json.dumps(document))
+    code = cli_main(["convert", str(recipe), "--locked", "--artifacts", str(tmp_path / "art")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert f"base: {base_repo}@{'f' * 40}: revision not found" in err
+
+
+def test_locked_convert_without_a_lock_says_create_one(upstream: tuple[Path, str, str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "copy.yaml"
+    recipe.write_text(upstream[0].read_text())
+    assert cli_main(["convert", str(recipe), "--locked", "--artifacts", str(tmp_path / "art")]) == 3
+    assert f"no lock file {tmp_path / 'copy.lock.json'}; create it with `sdxl-convert lock <recipe>`" in capsys.readouterr().err
+
+
+def test_lock_diff_names_tool_and_recipe_changes() -> None:
+    old = {"recipe_sha256": "a", "sources": [], "tools": {"openvino": "2025.1", "nncf": "2.0"}}
+    new = {"recipe_sha256": "b", "sources": [], "tools": {"openvino": "2025.2", "nncf": "2.0"}}
+    assert diff_locks(old, new) == ["recipe: changed since the lock was written", "tools: openvino 2025.1 -> 2025.2"]
