@@ -21,6 +21,7 @@ from typing import Any
 from convert import disk, fp16fix, lockfile, package
 from convert import staging as staging_mod
 from convert.capture import redirect_output
+from convert.component_cache import ComponentCache, key_inputs
 from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, ValidationError,
                             ValidationFailed)
 from convert.fetch import FetchedSource, fetch, folder_params
@@ -83,10 +84,14 @@ class BuildResult:
     headline: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sources: list[dict[str, Any]] = field(default_factory=list)
+    reused_components: list[str] = field(default_factory=list)  # linked from the component cache
+    exported_components: list[str] = field(default_factory=list)  # exported (or tokenized) by this build
 
     def to_json(self) -> dict[str, Any]:
         return {
             "status": "reused" if self.reused else "built",
+            "reused_components": self.reused_components,
+            "exported_components": self.exported_components,
             "bundle": str(self.bundle),
             "build_id": self.build_id,
             "components": self.components,
@@ -136,14 +141,28 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
           locked: bool = False) -> BuildResult:
     """Build a recipe; `locked` builds exactly what its lock file pins (or fails, exit 3), and
     without it a successful build refreshes an existing lock file."""
-    notify = progress or (lambda _m: None)
+    recipe = prepare_build(recipe_path, workspace)
+    with staging_mod.recipe_lock(workspace, recipe.name):
+        return build_holding_lock(recipe, recipe_path, workspace, force=force, progress=progress, locked=locked)
+
+
+def prepare_build(recipe_path: Path, workspace: Workspace) -> Recipe:
+    """Load the recipe and check the artifacts folder before taking the recipe's lock."""
     recipe = load_recipe(recipe_path)
     disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
     disk.keep_free_bytes()  # a malformed reserve fails now, not after the fetch
     staging_mod.remove_stale_staging(workspace)
-    with staging_mod.recipe_lock(workspace, recipe.name):
-        _remove_interrupted_replacements(workspace, recipe.name)
-        result, resolution = _locked_build(recipe, recipe_path, workspace, force, notify, locked)
+    return recipe
+
+
+def build_holding_lock(recipe: Recipe, recipe_path: Path, workspace: Workspace, *, force: bool = False,
+                       progress: Progress | None = None, locked: bool = False,
+                       resolution: Resolution | None = None) -> BuildResult:
+    """`build` for a caller that holds the recipe's lock (rebuild holds it across build and publish);
+    `resolution`: one the caller already made, so a branch cannot move between its check and the build."""
+    notify = progress or (lambda _m: None)
+    _remove_interrupted_replacements(workspace, recipe.name)
+    result, resolution = _locked_build(recipe, recipe_path, workspace, force, notify, locked, resolution)
     path = lockfile.lock_path(recipe_path)
     if not locked and path.is_file():
         lockfile.write_lock(path, lockfile.lock_document(resolution))
@@ -172,12 +191,15 @@ def _resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace, locked: bo
 
 
 def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force: bool, notify: Progress,
-                  locked: bool) -> tuple[BuildResult, Resolution]:
+                  locked: bool, resolved: Resolution | None) -> tuple[BuildResult, Resolution]:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    notify("resolve: pinning sources (generated sources are built on first use)")
-    with _stage("resolve", timings, workspace, FetchError), redirect_output(workspace.log_file(recipe.name, "resolve")):
-        resolution = _resolve(recipe, recipe_path, workspace, locked)
+    if resolved is None:
+        notify("resolve: pinning sources (generated sources are built on first use)")
+        with _stage("resolve", timings, workspace, FetchError), redirect_output(workspace.log_file(recipe.name, "resolve")):
+            resolution = _resolve(recipe, recipe_path, workspace, locked)
+    else:
+        resolution = resolved
     timings["resolve"] = time.monotonic() - t0
     build_id = resolution.build_id
     dest = workspace.bundle_dir(recipe.name, build_id)
@@ -249,14 +271,20 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         rescaled = fp16fix.rescale_stage(patched, recipe, staging / "rescaled_vae", notify)
 
     with _stage("export", timings, workspace, ExportError, log, need):
-        exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify)
+        cache = ComponentCache(workspace.component_cache)
+        cache.remove_stale_temporaries()
+        exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify, cache,
+                                   key_inputs(resolution))
+        # after the cache: a rewritten VAE IR is a new file (save_atomically), never the cached one
         exported, scaled = fp16fix.runtime_stage(bundle_dir, recipe, patched, exported, notify)
     components = [
         {"name": e.name, "weights": e.weights,
          "inference_precision": recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
          "runtime_options": e.runtime_options, "files": [str(e.xml.relative_to(bundle_dir))]}
+        | ({"cache_key": e.cache_key} if e.cache_key else {})
         for e in exported
     ]
+    reused = [e.name for e in exported if e.reused]
 
     with _stage("validate", timings, workspace, ValidationError, log, need):
         notify("validate: decoding at the target precisions")
@@ -284,6 +312,8 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         headline=report.headline(),
         timings=timings,
         sources=[s.lock_entry() for s in resolution.sources],
+        reused_components=reused,
+        exported_components=[e.name for e in exported if not e.reused],
     )
 
 

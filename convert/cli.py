@@ -135,6 +135,8 @@ def _add_global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--json", help="machine-readable output on stdout (for CI)", **flag)
     parser.add_argument("--artifacts", type=Path, default=default,
                         help="output folder (default: artifacts/ of the project)")
+    parser.add_argument("--cache", type=Path, default=default,
+                        help="component cache folder (default: $SDXL_CONVERT_CACHE, else <artifacts>/cache)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,8 +205,8 @@ def _progress_console() -> Any:
 def _workspace(args: argparse.Namespace) -> Any:
     from convert.workspace import Workspace
 
-    default = Workspace.default()
-    return Workspace(artifacts=args.artifacts.resolve()) if args.artifacts else default
+    artifacts = args.artifacts.resolve() if args.artifacts else Workspace.default().artifacts
+    return Workspace(artifacts=artifacts, cache=args.cache.resolve() if args.cache else None)
 
 
 def _recipe_path(name: str) -> Path:
@@ -347,6 +349,9 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
         console.print(f"end to end {precision}: {h['non_finite']}/{h['values']} non-finite, min PSNR {h['min_psnr_db']} "
                       f"dB, min SSIM {h['min_ssim']} vs f32", highlight=False)
     console.print(f"report: {result.bundle / 'validation' / 'report.md'}", highlight=False, soft_wrap=True)
+    if result.reused_components:
+        console.print(f"from the component cache: {', '.join(result.reused_components)}; "
+                      f"exported: {', '.join(result.exported_components) or '-'}", highlight=False)
     if result.timings:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), highlight=False)
     if published:

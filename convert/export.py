@@ -17,11 +17,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.component_cache import ComponentCache, component_key
 from convert.disk import is_no_space
 from convert.errors import ConvertError, ExportError, first_line
 from convert.patch import PatchedPipeline
@@ -42,6 +43,8 @@ class ExportedComponent:
     weights: str
     runtime_options: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    cache_key: str | None = None
+    reused: bool = False  # linked from the component cache instead of exported
 
     @property
     def bin(self) -> Path:
@@ -49,9 +52,14 @@ class ExportedComponent:
 
 
 def export_pipeline(
-    patched: PatchedPipeline, recipe: Recipe, out_dir: Path, build_id: str, progress: Progress | None = None
+    patched: PatchedPipeline, recipe: Recipe, out_dir: Path, build_id: str, progress: Progress | None = None,
+    cache: ComponentCache | None = None, key_inputs: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[ExportedComponent]:
-    """Export all submodels into `out_dir` (a staging folder the caller owns)."""
+    """Export all submodels into `out_dir` (a staging folder the caller owns).
+
+    With a cache and the submodels' key inputs (convert.component_cache), a submodel whose key
+    has an entry is linked from it instead of exported, and a fresh export is added to it.
+    """
     from convert.optimum_compat import check_version
 
     notify = progress or (lambda _msg: None)
@@ -67,10 +75,21 @@ def export_pipeline(
         if family.submodel(name).component not in patched.weights:
             notify(f"export: {name} -> not in the source (optional in {family.name}), left out")
             continue
-        notify(f"export: {name} -> {settings.weights}")
         t0 = time.monotonic()
-        xml, options = export_submodel(patched, name, settings, recipe.precisions_for(name), build_id, out_dir / name)
-        exported.append(ExportedComponent(name, xml, settings.weights, options, time.monotonic() - t0))
+        inputs = (key_inputs or {}).get(name)
+        key = component_key(inputs) if inputs is not None else None
+        if cache is not None and key is not None and cache.restore(key, out_dir / name):
+            notify(f"export: {name} -> {settings.weights}, reused from the component cache ({key[:12]})")
+            exported.append(ExportedComponent(name, out_dir / name / OV_XML, settings.weights,
+                                              _ir_runtime_options(out_dir / name / OV_XML), time.monotonic() - t0,
+                                              key, reused=True))
+            continue
+        notify(f"export: {name} -> {settings.weights}")
+        xml, options = export_submodel(patched, name, settings, recipe.precisions_for(name), build_id, out_dir / name,
+                                       key)
+        if cache is not None and key is not None and inputs is not None:
+            cache.store(key, out_dir / name, inputs)
+        exported.append(ExportedComponent(name, xml, settings.weights, options, time.monotonic() - t0, key))
     exported += _export_tokenizers(patched.pipeline, recipe, out_dir, notify)
     log.info("exported %d components in %.1f s", len(exported), time.monotonic() - started)
     return exported
@@ -88,7 +107,7 @@ def write_pipeline_files(pipeline: Any, out_dir: Path, tokenizers: tuple[str, ..
 
 
 def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSettings, precisions: list[str],
-                    build_id: str, folder: Path) -> tuple[Path, dict[str, str]]:
+                    build_id: str, folder: Path, cache_key: str | None = None) -> tuple[Path, dict[str, str]]:
     """Trace, compress and save one submodel; returns its IR path and runtime options."""
     from convert.export_worker import build_submodel, release_memory
 
@@ -105,7 +124,7 @@ def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSett
         raise ExportError(f"{name}: conversion failed: {first_line(e)}",
                           hint="run with -v for the traceback") from e
     model = compress_weights(model, name, settings)
-    options = finish_ir(model, settings, precisions, build_id)
+    options = finish_ir(model, settings, precisions, build_id, cache_key)
     xml = folder / OV_XML
     save_atomically(model, xml, compress_to_fp16=settings.weights == "fp16")
     del model
@@ -147,15 +166,30 @@ def save_error(error: RuntimeError, folder: Path, need: int) -> Exception:
     return ExportError(f"{folder.name}: saving the IR failed: {first_line(error)}", hint="run with -v for the traceback")
 
 
-def finish_ir(model: Any, settings: ComponentSettings, precisions: list[str], build_id: str) -> dict[str, str]:
-    """Recipe runtime options over optimum-intel's own, and our provenance, into the IR's rt_info."""
+def finish_ir(model: Any, settings: ComponentSettings, precisions: list[str], build_id: str,
+              cache_key: str | None = None) -> dict[str, str]:
+    """Recipe runtime options over optimum-intel's own, and our provenance, into the IR's rt_info.
+
+    A cacheable IR records its component key instead of the build id: the same file is shared
+    by every build whose inputs for it are the same (build.json maps the key to the build).
+    """
     options = {k: str(v) for k, v in _existing_runtime_options(model).items()} | dict(settings.runtime_options)
     for key, value in options.items():
         model.set_rt_info(value, ["runtime_options", key])
     model.set_rt_info(settings.weights, [RT_INFO_KEY, "weights"])
     model.set_rt_info(",".join(precisions), [RT_INFO_KEY, "inference_precision"])
-    model.set_rt_info(build_id, [RT_INFO_KEY, "build_id"])
+    if cache_key is not None:
+        model.set_rt_info(cache_key, [RT_INFO_KEY, "component_key"])
+    else:
+        model.set_rt_info(build_id, [RT_INFO_KEY, "build_id"])
     return options
+
+
+def _ir_runtime_options(xml: Path) -> dict[str, str]:
+    """The runtime options a cached IR carries (what the export wrote), for build.json and the card."""
+    import openvino as ov
+
+    return {k: str(v) for k, v in _existing_runtime_options(ov.Core().read_model(xml)).items()}
 
 
 def rewrite_ir(xml: Path, name: str, settings: ComponentSettings, precisions: list[str], build_id: str) -> dict[str, str]:

@@ -119,6 +119,7 @@ class ComponentInfo(_Record):
     inference_precision: list[str]
     runtime_options: dict[str, str]
     files: list[str]
+    cache_key: str | None = None  # the component cache key (convert.component_cache); None for tokenizers
 
 
 class BuildInfo(_Record):

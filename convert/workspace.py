@@ -19,6 +19,13 @@ class Workspace:
 
     artifacts: Path
     hf_cache: Path | None = None
+    cache: Path | None = None  # the component cache; None: $SDXL_CONVERT_CACHE, else <artifacts>/cache
+
+    @property
+    def component_cache(self) -> Path:
+        from convert.component_cache import cache_dir
+
+        return cache_dir(self.cache, self.artifacts)
 
     @property
     def generated_sources(self) -> Path:

@@ -1,0 +1,189 @@
+"""A cache of exported submodels keyed by what determines them, so a rebuild re-exports only what changed.
+
+The key of a submodel hashes its inputs' content, never a path or "a file exists":
+  * the sha256 of its own component's weight files (from the substitute when substituted),
+  * the hashes of every config and tokenizer file of the pipeline (an export reads more than its
+    own config: the SDXL UNet's inputs are shaped by text_encoder_2's and the tokenizer's), except
+    the configs of *other* substitutable components (the VAE): a substitute is by construction
+    independent of the rest (its fit check holds its interface to the others fixed), so a new
+    VAE, config and all, re-exports only the VAE parts,
+  * which source role supplies it (a substitution touching it),
+  * its recipe settings (weights, nncf, runtime options) and inference precisions,
+  * the tool versions and a digest of this tool's export code.
+All of it is known after resolve (metadata calls only), so `cache-key` and `rebuild` can compute
+keys without downloading anything. An entry is written in a private temporary folder and
+renamed into place: a killed build never leaves half an entry; a concurrent writer of the same
+key simply loses the rename race. Entries are reused by hard link (copy across file systems)
+after their recorded sha256s check out, so a tampered or truncated entry is re-exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convert.hub import file_sha256
+from convert.resolve import Resolution
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SDXL_CONVERT_CACHE"
+CACHE_FORMAT = 1
+ENTRY_INFO = "entry.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: This tool's modules whose code shapes an exported IR: a change to them invalidates every entry.
+_EXPORT_CODE = ("export.py", "export_worker.py", "optimum_compat.py", "families")
+
+
+def cache_dir(flag: Path | None, artifacts: Path) -> Path:
+    """--cache, else $SDXL_CONVERT_CACHE, else <artifacts>/cache."""
+    if flag is not None:
+        return flag
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else artifacts / "cache"
+
+
+def export_code_digest() -> str:
+    root = Path(__file__).resolve().parent
+    files = sorted(p for name in _EXPORT_CODE for p in ([root / name] if (root / name).is_file()
+                                                         else (root / name).rglob("*.py")))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _is_weight(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(_WEIGHT_SUFFIXES) or (name.endswith(".json") and ".index" in name)
+
+
+def _content(f: dict[str, Any]) -> str:
+    return str(f.get("sha256") or f.get("git_oid"))
+
+
+def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
+    """Per exported submodel, everything its key hashes (stored in the entry, to explain a miss)."""
+    from convert.lockfile import used_files
+
+    recipe = resolution.recipe
+    family = recipe.family
+    used = {s.role: used_files(s, family) for s in resolution.sources}
+    code = export_code_digest()
+    inputs: dict[str, dict[str, Any]] = {}
+    for name in family.weighted:
+        settings = recipe.settings_for(name)
+        if not settings.export:
+            continue
+        component = family.submodel(name).component
+        role = f"substitutions.{component}" if component in recipe.substitutions else "base"
+        prefix = "" if role != "base" else f"{component}/"
+        context = sorted(f"{r}:{f['path']}:{_content(f)}" for r, files in used.items() for f in files
+                         if _in_context(r, f["path"], component, family.substitutable))
+        weights = sorted(f"{f['path'][len(prefix):]}:{_content(f)}" for f in used[role]
+                         if f["path"].startswith(prefix) and _is_weight(f["path"]))
+        inputs[name] = {
+            "format": CACHE_FORMAT,
+            "family": family.name,
+            "submodel": name,
+            "component": component,
+            "source_role": role,
+            "weights": weights,
+            "context": context,
+            "settings": settings.model_dump(mode="json"),
+            "inference_precision": list(recipe.precisions_for(name)),
+            "tools": dict(sorted(resolution.tool_versions.items())),
+            "export_code": code,
+        }
+    return inputs
+
+
+def _in_context(role: str, path: str, component: str, substitutable: tuple[str, ...]) -> bool:
+    """A config or tokenizer file any export may read: its own, or one of a non-substitutable component."""
+    if _is_weight(path):
+        return False
+    owner = _owner(role, path)
+    return owner == component or owner not in substitutable
+
+
+def _owner(role: str, path: str) -> str | None:
+    """The pipeline component a source file belongs to (None: the pipeline's own model_index.json)."""
+    if role != "base":
+        return role.split(".", 1)[1]
+    return path.split("/", 1)[0] if "/" in path else None
+
+
+def component_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def component_keys(resolution: Resolution) -> dict[str, str]:
+    return {name: component_key(inputs) for name, inputs in key_inputs(resolution).items()}
+
+
+@dataclass(frozen=True)
+class ComponentCache:
+    root: Path
+
+    def entry(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def restore(self, key: str, dest: Path) -> bool:
+        """Link an entry's files into `dest` (an empty submodel folder); False on a miss or a bad entry."""
+        entry = self.entry(key)
+        try:
+            info = json.loads((entry / ENTRY_INFO).read_text())
+            files: dict[str, str] = info["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        for rel, sha in files.items():
+            if not (entry / "files" / rel).is_file() or file_sha256(entry / "files" / rel) != sha:
+                log.warning("component cache entry %s is damaged (%s); re-exporting", entry, rel)
+                shutil.rmtree(entry, ignore_errors=True)
+                return False
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel in files:
+            _link_or_copy(entry / "files" / rel, dest / rel)
+        return True
+
+    def store(self, key: str, source: Path, inputs: dict[str, Any]) -> None:
+        """Add a freshly exported submodel folder; a failure to cache never fails the build."""
+        entry = self.entry(key)
+        if entry.is_dir():
+            return
+        tmp = self.root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            files = {p.relative_to(source).as_posix(): p for p in sorted(source.rglob("*")) if p.is_file()}
+            for rel, path in files.items():
+                _link_or_copy(path, tmp / "files" / rel)
+            info = {"key": key, "inputs": inputs, "files": {rel: file_sha256(p) for rel, p in files.items()}}
+            (tmp / ENTRY_INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, entry)
+        except OSError as e:
+            if not entry.is_dir():  # else another build stored the same key first
+                log.warning("could not add %s to the component cache %s: %s", source.name, self.root, e)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary folders of dead builds (a kill -9 between link and rename); names hold the pid."""
+        for tmp in self.root.glob(".tmp-*") if self.root.is_dir() else []:
+            pid = tmp.name.split("-")[2] if tmp.name.count("-") >= 3 else ""
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
