@@ -65,3 +65,11 @@ bench *args: setup
 # pin a recipe's sources, files and tool versions in recipes/NAME.lock.json (prints what changed)
 lock recipe *flags: setup
     "{{bin}}/sdxl-convert" lock {{recipe}} {{flags}}
+
+# rebuild recipes whose upstream, recipe or tools changed, publish and tag them (RECIPE... or --all)
+rebuild *args: setup
+    "{{bin}}/sdxl-convert" rebuild {{args}}
+
+# print a recipe's component cache keys (no download); --combined for one CI cache key
+cache-key recipe *flags: setup
+    "{{bin}}/sdxl-convert" cache-key {{recipe}} {{flags}}

@@ -161,6 +161,17 @@ def _parser() -> argparse.ArgumentParser:
     lock.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a .yaml file")
     lock.set_defaults(func=_cmd_lock)
 
+    rebuild = sub.add_parser("rebuild", parents=[common],
+                             help="per recipe: skip if its publish.repo holds this build, else build, publish and tag")
+    rebuild.add_argument("recipes", nargs="*", metavar="RECIPE", help="recipe names or paths")
+    rebuild.add_argument("--all", action="store_true", help="every recipe with a publish: section")
+    rebuild.set_defaults(func=_cmd_rebuild)
+
+    keys = sub.add_parser("cache-key", parents=[common], help="print the component cache keys of a recipe (no download)")
+    keys.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a .yaml file")
+    keys.add_argument("--combined", action="store_true", help="print only one hash of all keys (a CI cache key)")
+    keys.set_defaults(func=_cmd_cache_key)
+
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
     verify.add_argument("bundle", type=Path)
     verify.set_defaults(func=_cmd_verify)
@@ -255,6 +266,68 @@ def _cmd_lock(args: argparse.Namespace) -> int:
     print(f"wrote {path} (build {document['build_id']})")
     for line in changes or ["unchanged"]:
         print(f"  {line}")
+    return EXIT_OK
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from convert.rebuild import publishable_recipes, rebuild_one
+    from convert.workspace import recipe_search_dirs
+
+    if bool(args.recipes) == bool(args.all):
+        raise UsageError("rebuild: name recipes or give --all (not both)", hint="see sdxl-convert rebuild --help")
+    paths = publishable_recipes(recipe_search_dirs()) if args.all else [_recipe_path(r) for r in args.recipes]
+    workspace = _workspace(args)
+    console = _progress_console()
+    outcomes = []
+    for path in paths:
+        console.log(f"rebuild: {path.stem}", highlight=False)
+        outcomes.append(rebuild_one(path, workspace, lambda m: console.log(f"  {m}", highlight=False)))
+    failed = [o for o in outcomes if o.status == "failed"]
+    code = failed[0].exit_code if failed else EXIT_OK
+    if args.json:
+        print(json.dumps({"status": "error" if failed else "ok", "exit_code": code,
+                          "recipes": [o.to_json() for o in outcomes]}, indent=2))
+    else:
+        _render_rebuild(outcomes)
+    return code
+
+
+def _render_rebuild(outcomes: list[Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("recipe", "result", "what changed", "time")
+    for o in outcomes:
+        what = "; ".join(o.changed) if o.status == "rebuilt" else o.message
+        if o.status == "rebuilt" and o.reused_components:
+            what += f" (cache: {', '.join(o.reused_components)})"
+        table.add_row(o.recipe, o.status, escape(what), f"{o.seconds:.1f}s")
+    _console().print(table)
+    for o in outcomes:
+        if o.report:
+            _console(stderr=True).print(f"{o.recipe}: validation report {o.report}", highlight=False, soft_wrap=True)
+
+
+def _cmd_cache_key(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from convert.capture import redirect_output
+    from convert.component_cache import component_keys
+    from convert.recipe import load_recipe
+    from convert.resolve import resolve
+
+    path = _recipe_path(args.recipe)
+    workspace = _workspace(args)
+    recipe = load_recipe(path)
+    with redirect_output(workspace.log_file(recipe.name, "resolve")):
+        keys = component_keys(resolve(recipe, path, workspace))
+    combined = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:32]
+    if args.json:
+        print(json.dumps({"recipe": recipe.name, "key": combined, "components": keys}, indent=2))
+    elif args.combined:
+        print(combined)
+    else:
+        print("\n".join(f"{name} {key}" for name, key in keys.items()))
     return EXIT_OK
 
 
