@@ -84,7 +84,7 @@ def diff_locks(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What changed between two locks, one line per change (empty: the same build)."""
     lines: list[str] = []
     if old.get("recipe_sha256") != new.get("recipe_sha256"):
-        lines.append("recipe: changed since the lock was written")
+        lines.append("recipe: changed (its digest differs)")
     old_sources = {s["role"]: s for s in old.get("sources", [])}
     new_sources = {s["role"]: s for s in new.get("sources", [])}
     for role in sorted(old_sources.keys() | new_sources.keys()):

@@ -46,6 +46,7 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "::1"]
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="sdxl-ov-tests-"))
 HUB_SERVER = HubServer(root=SESSION_DIR / "hub")
 HUB_SERVER.start()
+os.environ.pop("SDXL_CONVERT_CACHE", None)  # a developer's component cache must not leak into (or from) tests
 
 
 def _shutdown() -> None:

@@ -120,4 +120,4 @@ def test_locked_convert_without_a_lock_says_create_one(upstream: tuple[Path, str
 def test_lock_diff_names_tool_and_recipe_changes() -> None:
     old = {"recipe_sha256": "a", "sources": [], "tools": {"openvino": "2025.1", "nncf": "2.0"}}
     new = {"recipe_sha256": "b", "sources": [], "tools": {"openvino": "2025.2", "nncf": "2.0"}}
-    assert diff_locks(old, new) == ["recipe: changed since the lock was written", "tools: openvino 2025.1 -> 2025.2"]
+    assert diff_locks(old, new) == ["recipe: changed (its digest differs)", "tools: openvino 2025.1 -> 2025.2"]
