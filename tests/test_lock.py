@@ -54,6 +54,7 @@ def test_lock_pins_commits_and_file_hashes_then_names_an_upstream_change(
 
     recipe, base_repo, vae_repo = upstream
     api = HfApi(endpoint=hub_server.url, token=HF_TEST_TOKEN)
+    recipe.with_name("hub-tiny-sdxl.lock.json").unlink(missing_ok=True)  # another test of this module may have locked it
     start = len(hub_server.requests_log())
     first = _lock(recipe, tmp_path, capsys)
     requests = hub_server.requests_log()[start:]
@@ -121,3 +122,43 @@ def test_lock_diff_names_tool_and_recipe_changes() -> None:
     old = {"recipe_sha256": "a", "sources": [], "tools": {"openvino": "2025.1", "nncf": "2.0"}}
     new = {"recipe_sha256": "b", "sources": [], "tools": {"openvino": "2025.2", "nncf": "2.0"}}
     assert diff_locks(old, new) == ["recipe: changed (its digest differs)", "tools: openvino 2025.1 -> 2025.2"]
+
+
+def _keys(recipe: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    assert cli_main(["cache-key", str(recipe), "--json", "--artifacts", str(tmp / "art")]) == 0
+    return json.loads(capsys.readouterr().out)["components"]
+
+
+def test_cache_keys_move_only_for_the_components_whose_inputs_moved(
+        upstream: tuple[Path, str, str], hub_server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What `rebuild` reuses, computed with metadata calls only: a new VAE moves the VAE keys, a
+    UNet weight format the UNet key, a tool version every key."""
+    from huggingface_hub import HfApi
+
+    from conftest import HF_TEST_TOKEN
+    from convert import resolve
+
+    recipe, _, vae_repo = upstream
+    start = len(hub_server.requests_log())
+    before = _keys(recipe, tmp_path, capsys)
+    assert not [r for r in hub_server.requests_log()[start:] if "/resolve/" in r[1]]
+    assert set(before) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert cli_main(["cache-key", str(recipe), "--combined", "--artifacts", str(tmp_path / "art")]) == 0
+    assert len(capsys.readouterr().out.strip()) == 32
+
+    HfApi(endpoint=hub_server.url, token=HF_TEST_TOKEN).upload_file(
+        path_or_fileobj=b'{"_class_name": "AutoencoderKL", "scaling_factor": 0.13025, "note": "v3"}',
+        path_in_repo="config.json", repo_id=vae_repo)
+    after_vae = _keys(recipe, tmp_path, capsys)
+    assert {c for c in before if before[c] != after_vae[c]} == {"vae_decoder", "vae_encoder"}
+
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(recipe.read_text().replace("unet: {weights: int8, nncf: {mode: int8_asym}}", "unet: {weights: fp16}"))
+    after_unet = _keys(edited, tmp_path, capsys)
+    assert {c for c in before if after_vae[c] != after_unet[c]} == {"unet"}
+
+    real = resolve.tool_versions
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(resolve, "tool_versions", lambda: real() | {"optimum-intel": "99.0"})
+        after_tools = _keys(edited, tmp_path, capsys)
+    assert all(after_tools[c] != after_unet[c] for c in before)

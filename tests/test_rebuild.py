@@ -8,13 +8,16 @@ step before it, so the tests may run in any order and each asserts on its own st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -80,15 +83,31 @@ def first(seq: Seq) -> RebuildOutcome:
     return outcome
 
 
-@pytest.fixture(scope="module")
-def noop(seq: Seq, first: RebuildOutcome) -> tuple[RebuildOutcome, list[tuple[str, str, int]]]:
-    result = seq.rebuild()
-    print(f"\nno-op rebuild: {result[0].seconds:.2f} s")
-    return result
+@dataclass(frozen=True)
+class Noop:
+    code: int
+    document: dict[str, Any]
+    requests: list[tuple[str, str, int]]
 
 
 @pytest.fixture(scope="module")
-def vae_commit(seq: Seq, noop: object) -> RebuildOutcome:
+def noop(seq: Seq, first: RebuildOutcome) -> Noop:
+    """Through the CLI, after a recipe that cannot be rebuilt (no publish:): it fails, the next still runs."""
+    from convert.cli import main
+
+    unpublishable = seq.root / "recipes" / "no-publish.yaml"
+    unpublishable.write_text(seq.recipe.read_text().split("publish:")[0].replace("name: hub-tiny-sdxl", "name: no-publish"))
+    start = len(seq.hub.requests_log())
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["rebuild", str(unpublishable), str(seq.recipe), "--json", "--artifacts", str(seq.workspace.artifacts),
+                     "--cache", str(seq.workspace.cache)])
+    document = json.loads(out.getvalue())
+    print(f"\nno-op rebuild: {document['recipes'][1]['seconds']:.2f} s")
+    return Noop(code, document, seq.hub.requests_log()[start:])
+
+
+@pytest.fixture(scope="module")
+def vae_commit(seq: Seq, noop: Noop) -> RebuildOutcome:
     from convert.testing import generate
 
     vae = _retouched_vae(generate("tiny-sdxl-vae-fp16-fix", seq.root / "vae-v2", 0))  # new weights, same config
@@ -148,13 +167,32 @@ def test_first_rebuild_exports_everything_and_publishes_a_tag(seq: Seq, first: R
     assert seq.api.model_info(seq.publish_repo).sha == first.commit
 
 
-def test_rebuild_with_nothing_changed_skips_with_zero_downloads(noop: tuple[RebuildOutcome, list[tuple[str, str, int]]],
-                                                                first: RebuildOutcome) -> None:
-    outcome, requests = noop
-    assert outcome.status == "skipped" and outcome.build_id == first.build_id and outcome.commit == first.commit
-    assert [r for r in requests if "/resolve/" in r[1]] == []  # no file of any repo was downloaded
-    assert all(r[0] == "GET" for r in requests)  # and nothing written
-    assert outcome.seconds < 3
+def test_rebuild_with_nothing_changed_skips_with_zero_downloads(noop: Noop, first: RebuildOutcome) -> None:
+    failed, skipped = noop.document["recipes"]
+    assert skipped["status"] == "skipped" and skipped["build_id"] == first.build_id and skipped["commit"] == first.commit
+    assert [r for r in noop.requests if "/resolve/" in r[1]] == []  # no file of any repo was downloaded
+    assert all(r[0] == "GET" for r in noop.requests)  # and nothing written
+    assert skipped["seconds"] < 3
+
+
+def test_one_failing_recipe_does_not_stop_the_others_and_sets_the_exit_status(noop: Noop) -> None:
+    failed, skipped = noop.document["recipes"]
+    assert noop.code == 2 and noop.document["status"] == "error" and noop.document["exit_code"] == 2
+    assert failed["recipe"] == "no-publish" and failed["status"] == "failed"
+    assert failed["message"] == ("no-publish.yaml: no publish: section, so there is nothing to rebuild into; "
+                                 "add publish.repo, or leave the recipe out of rebuild")
+    assert skipped["status"] == "skipped"
+
+
+def test_a_second_rebuild_of_the_same_recipe_is_refused_while_one_runs(seq: Seq, noop: Noop) -> None:
+    from convert.staging import recipe_lock
+
+    start = len(seq.hub.requests_log())
+    with recipe_lock(seq.workspace, "hub-tiny-sdxl"):
+        outcome = rebuild_one(seq.recipe, seq.workspace)
+    assert outcome.status == "failed" and outcome.exit_code == 75
+    assert outcome.message.startswith(f"another build of hub-tiny-sdxl is running (pid {os.getpid()})")
+    assert seq.hub.requests_log()[start:] == []  # refused before any call
 
 
 def test_vae_only_upstream_change_re_exports_only_the_vae(seq: Seq, first: RebuildOutcome,
