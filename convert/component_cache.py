@@ -39,7 +39,7 @@ CACHE_FORMAT = 1
 ENTRY_INFO = "entry.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: This tool's modules whose code shapes an exported IR: a change to them invalidates every entry.
-_EXPORT_CODE = ("export.py", "export_worker.py", "optimum_compat.py", "families")
+_EXPORT_CODE = ("export.py", "export_worker.py", "optimum_compat.py", "patch.py", "families")
 
 
 def cache_dir(flag: Path | None, artifacts: Path) -> Path:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convert.errors import FetchError, PackageError
 from convert.resolve import Resolution, ResolvedSource
+
+if TYPE_CHECKING:
+    from convert.families import PipelineFamily
 
 LOCK_VERSION = 1
 LOCK_SUFFIX = ".lock.json"
@@ -25,7 +28,7 @@ def lock_path(recipe_path: Path) -> Path:
     return recipe_path.with_name(recipe_path.stem + LOCK_SUFFIX)
 
 
-def used_files(resolved: ResolvedSource, family: Any) -> list[dict[str, Any]]:
+def used_files(resolved: ResolvedSource, family: PipelineFamily) -> list[dict[str, Any]]:
     """The files a build of this source fetches (fetch's allow-list), with their hashes."""
     from convert.fetch import needed_folders, select_files
 
