@@ -33,7 +33,7 @@ MAX_DENOISE_STEPS = 50
 MAX_NAME_LENGTH = 64
 #: Folders of the artifacts tree that are not bundles (see convert.workspace): a recipe named
 #: like one would write its bundles among failed builds or generated sources.
-RESERVED_NAMES: tuple[str, ...] = ("broken", "sources", "logs")
+RESERVED_NAMES: tuple[str, ...] = ("broken", "sources", "logs", "cache")
 
 # ----------------------------------------------------------------------------- value rules
 # Recipe values end up in folder names, file names and URLs: each is checked at load.

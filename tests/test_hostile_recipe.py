@@ -56,7 +56,7 @@ def test_unsafe_names(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: 
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "artifacts").exists()
 
 
-@pytest.mark.parametrize("name", ["broken", "sources", "logs"])
+@pytest.mark.parametrize("name", ["broken", "sources", "logs", "cache"])
 def test_names_of_the_artifacts_folders_are_reserved(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
     line = refused(tmp_path, f"schema_version: 1\nname: {name}\n{GENERATED}", capsys)
     assert f"name: '{name}' is reserved for the artifacts folder's own {name}/ folder; choose another name" in line
