@@ -374,6 +374,9 @@ def test_registry_lists_the_documented_generators() -> None:
         "tiny-sdxl-refiner",
         "tiny-sdxl-unet",
         "tiny-sdxl-unet-fp16-overflow",
+        "tiny-sdxl-single-file",
+        "tiny-sdxl-single-file-config",
+        "tiny-sdxl-lora",
     }
 
 

@@ -1,0 +1,235 @@
+"""Offline community-checkpoint fixtures: an SDXL pipeline as one original-layout file, and LoRAs.
+
+Community fine-tunes ship as one `.safetensors` file in the original (Stability / A1111 /
+ComfyUI) key layout, with the overflow-prone VAE baked in; speed LoRAs ship in the
+diffusers/peft or the kohya layout. The product never maps keys itself (diffusers'
+`from_single_file` and `load_lora_weights` do); this module writes the inverse mapping
+only to make such files from the seeded tiny pipeline, so tests can check that diffusers
+reads back exactly the weights written.
+
+The mapping covers the SDXL topology (3 UNet levels of 2 resnets, 4 VAE levels); it is
+checked by the round trip test, not trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from convert.testing.sdxl import _atomic_dir, build_tiny_sdxl_pipeline, write_pipeline
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+
+__all__ = [
+    "CHECKPOINT", "LORA_DIFFUSERS", "LORA_KOHYA", "original_sdxl_state_dict", "tiny_sdxl_lora",
+    "tiny_sdxl_single_file", "tiny_sdxl_single_file_config", "write_single_file",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "tiny-sdxl.safetensors"
+LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"
+LORA_KOHYA = "tiny-sdxl-lora-kohya.safetensors"
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _unet_prefixes(levels: int = 3, per_level: int = 2) -> dict[str, str]:
+    """diffusers module prefix -> LDM (`openaimodel.UNetModel`) prefix, for SDXL's block layout."""
+    out: dict[str, str] = {}
+    for i in range(levels):
+        for j in range(per_level):
+            out[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{3 * i + j + 1}.0."
+            out[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{3 * i + j + 1}.1."
+        if i < levels - 1:
+            out[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{3 * (i + 1)}.0.op."
+        for j in range(per_level + 1):
+            out[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{3 * i + j}.0."
+            out[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{3 * i + j}.1."
+    out["mid_block.resnets.0."] = "middle_block.0."
+    out["mid_block.attentions.0."] = "middle_block.1."
+    out["mid_block.resnets.1."] = "middle_block.2."
+    return out
+
+
+def _unet_key(key: str, prefixes: Mapping[str, str], up_attention: Mapping[int, bool]) -> str:
+    for hf, ldm in _UNET_TOP.items():
+        if key.startswith(hf + "."):
+            return ldm + key[len(hf):]
+    if key.startswith("up_blocks.") and ".upsamplers.0." in key:
+        level = int(key.split(".")[1])
+        slot = 2 if up_attention[level] else 1
+        return f"output_blocks.{3 * level + 2}.{slot}." + key.split(".upsamplers.0.", 1)[1]
+    for hf, ldm in prefixes.items():
+        if key.startswith(hf):
+            rest = key[len(hf):]
+            if ".resnets." in hf:
+                for a, b in _RESNET:
+                    rest = rest.replace(a + ".", b + ".", 1) if rest.startswith(a + ".") else rest
+            return ldm + rest
+    raise KeyError(f"no LDM name for UNet key {key}")
+
+
+def _vae_key(key: str, levels: int) -> tuple[str, bool]:
+    """(LDM name, whether the weight is a 1x1 conv in LDM) of a diffusers AutoencoderKL key."""
+    k = key.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
+    parts = k.split(".")
+    if parts[1] == "down_blocks":
+        level, rest = parts[2], ".".join(parts[3:])
+        rest = rest.replace("resnets.", "block.", 1).replace("downsamplers.0.", "downsample.", 1)
+        k = f"{parts[0]}.down.{level}.{rest}"
+    elif parts[1] == "up_blocks":
+        level, rest = levels - 1 - int(parts[2]), ".".join(parts[3:])
+        rest = rest.replace("resnets.", "block.", 1).replace("upsamplers.0.", "upsample.", 1)
+        k = f"{parts[0]}.up.{level}.{rest}"
+    elif parts[1] == "mid_block":
+        if parts[2] == "resnets":
+            k = f"{parts[0]}.mid.block_{int(parts[3]) + 1}." + ".".join(parts[4:])
+        else:
+            rest = ".".join(parts[4:])
+            for a, b in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                         ("to_out.0.", "proj_out.")):
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+            k = f"{parts[0]}.mid.attn_1.{rest}"
+            return k, rest.endswith("weight") and not rest.startswith("norm.")
+    return k, False
+
+
+_OPEN_CLIP = (("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+              ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+              ("text_model.final_layer_norm.", "ln_final."))
+_OPEN_CLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+
+
+def _open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection -> OpenCLIP text tower (fused q/k/v, transposed projection)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+            continue
+        if key.endswith("position_ids"):
+            continue
+        hit = next((ldm + key[len(hf):] for hf, ldm in _OPEN_CLIP if key.startswith(hf)), None)
+        if hit is not None:
+            out[hit] = value
+            continue
+        layer, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
+        prefix = f"transformer.resblocks.{layer}."
+        if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            qkv.setdefault(prefix + "attn.in_proj_" + rest.rsplit(".", 1)[1], {})[rest.split(".")[1][0]] = value
+            continue
+        for a, b in _OPEN_CLIP_LAYER:
+            if rest.startswith(a):
+                rest = b + rest[len(a):]
+        out[prefix + rest] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def original_sdxl_state_dict(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tensor]:
+    """The pipeline's weights under the keys of Stability's SDXL checkpoint (sgm `DiffusionEngine`)."""
+    unet = pipe.unet
+    up_attention = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
+    prefixes = _unet_prefixes(len(unet.down_blocks), int(unet.config.layers_per_block))
+    out = {f"model.diffusion_model.{_unet_key(k, prefixes, up_attention)}": v for k, v in unet.state_dict().items()}
+    levels = len(pipe.vae.config.block_out_channels)
+    for key, value in pipe.vae.state_dict().items():
+        name, conv = _vae_key(key, levels)
+        out[f"first_stage_model.{name}"] = value.reshape(*value.shape, 1, 1) if conv else value
+    for key, value in pipe.text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            out[f"conditioner.embedders.0.transformer.{key}"] = value
+    for key, value in _open_clip(pipe.text_encoder_2.state_dict()).items():
+        out[f"conditioner.embedders.1.model.{key}"] = value
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def write_single_file(pipe: StableDiffusionXLPipeline, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(original_sdxl_state_dict(pipe), str(partial), metadata={"format": "pt"})
+    partial.replace(path)
+    return path
+
+
+def tiny_sdxl_single_file(out_dir: Path, seed: int) -> Path:
+    """A folder holding only `tiny-sdxl.safetensors`: the tiny pipeline, its overflow-prone VAE baked in."""
+    with _atomic_dir(out_dir) as tmp:
+        write_single_file(build_tiny_sdxl_pipeline(seed), tmp / CHECKPOINT)
+    return out_dir
+
+
+def tiny_sdxl_single_file_config(out_dir: Path, seed: int) -> Path:
+    """The config source for the tiny single file: the diffusers folder's configs and tokenizers, no weights."""
+    with _atomic_dir(out_dir) as tmp:
+        write_pipeline(build_tiny_sdxl_pipeline(seed), tmp / "full")
+        for path in (tmp / "full").rglob("*"):
+            if path.is_file() and not path.name.endswith((".safetensors", ".bin")):
+                target = tmp / path.relative_to(tmp / "full")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        shutil.rmtree(tmp / "full")
+    return out_dir
+
+
+# --------------------------------------------------------------------------- LoRAs
+
+_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tiny_sdxl_lora(out_dir: Path, seed: int) -> Path:
+    """A rank-4 UNet LoRA made with peft, saved in the diffusers layout and the kohya layout.
+
+    The LoRA's B matrices are seeded (peft starts them at zero, which would make a no-op LoRA).
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    pipe = build_tiny_sdxl_pipeline(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=_UNET_TARGETS, init_lora_weights=True))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    with _atomic_dir(out_dir) as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        save_file(kohya_state_dict(layers, rank=4), str(tmp / LORA_KOHYA))
+    return out_dir
+
+
+def kohya_state_dict(layers: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """diffusers/peft UNet LoRA keys -> kohya's `lora_unet_<ldm module with _>.lora_down/up.weight` + alpha."""
+    unet = build_tiny_sdxl_pipeline(0).unet  # topology only
+    up_attention = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
+    prefixes = _unet_prefixes(len(unet.down_blocks), int(unet.config.layers_per_block))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in layers.items():
+        module, kind = re.split(r"\.lora[._]", key.removeprefix("unet."), maxsplit=1)
+        ldm = _unet_key(module + ".weight", prefixes, up_attention).removesuffix(".weight")
+        name = "lora_unet_" + ldm.replace(".", "_")
+        out[f"{name}.lora_{'down' if kind.startswith(('A', 'down')) else 'up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
+    return out

@@ -1,0 +1,69 @@
+"""Community-checkpoint fixtures: the original-layout single file and the two LoRA layouts round-trip
+through diffusers' own loaders (the product relies on them; the fixtures must be what they claim)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert.testing import generate
+from convert.testing.sdxl import build_tiny_sdxl_pipeline
+from convert.testing.single_file import CHECKPOINT, LORA_DIFFUSERS, LORA_KOHYA
+
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("single-file")
+    return {name: generate(name, root / name) for name in
+            ("tiny-sdxl-single-file", "tiny-sdxl-single-file-config", "tiny-sdxl-lora")}
+
+
+def _load(fixtures: dict[str, Path]):  # noqa: ANN202 - a diffusers pipeline
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_single_file(
+        str(fixtures["tiny-sdxl-single-file"] / CHECKPOINT), config=str(fixtures["tiny-sdxl-single-file-config"]),
+        local_files_only=True)
+
+
+def test_single_file_round_trips_through_diffusers(fixtures: dict[str, Path]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(fixtures["tiny-sdxl-single-file"] / CHECKPOINT), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys  # original (sgm) layout, not diffusers
+    assert "first_stage_model.decoder.mid.attn_1.q.weight" in keys  # the VAE is baked in
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert not any(k.startswith(("unet.", "down_blocks.")) for k in keys)
+    loaded, original = _load(fixtures), build_tiny_sdxl_pipeline(0)
+    for component in WEIGHTED:
+        want, got = getattr(original, component).state_dict(), getattr(loaded, component).state_dict()
+        assert set(got) == set(want), component
+        unequal = [k for k in want if not torch.equal(want[k], got[k])]
+        assert unequal == [], f"{component}: {len(unequal)} tensors differ, e.g. {unequal[:3]}"
+
+
+def test_config_source_has_no_weights(fixtures: dict[str, Path]) -> None:
+    files = [p for p in fixtures["tiny-sdxl-single-file-config"].rglob("*") if p.is_file()]
+    assert files and not [p for p in files if p.suffix in (".safetensors", ".bin")]
+    assert (fixtures["tiny-sdxl-single-file-config"] / "tokenizer_2" / "tokenizer.json").is_file()
+
+
+def test_lora_layouts_fuse_to_the_same_weights(fixtures: dict[str, Path]) -> None:
+    fused = []
+    for weight_name in (LORA_DIFFUSERS, LORA_KOHYA):
+        pipe = _load(fixtures)
+        before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        pipe.load_lora_weights(str(fixtures["tiny-sdxl-lora"]), weight_name=weight_name, adapter_name="t")
+        pipe.fuse_lora(lora_scale=0.8, components=["unet"])
+        pipe.unload_lora_weights()
+        after = pipe.unet.state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert set(after) == set(before)
+        assert len(changed) == 136, weight_name  # q, k, v, out of each of the 34 attention layers
+        fused.append(after)
+    assert all(torch.equal(fused[0][k], fused[1][k]) for k in fused[0])
