@@ -28,6 +28,7 @@ from convert.fetch import FetchedSource, fetch, folder_params
 from convert.families import PipelineFamily
 from convert.recipe import Recipe, load_recipe
 from convert.resolve import Resolution, generated_dir, resolve, resolve_source, source_roles
+from convert.single_file import apply_scheduler, materialize, needs_materializing
 from convert.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -260,15 +261,20 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
             notify(f"fetch: {source.role} ({source.source.describe()})")
             folder = staging / "sources" / source.role.replace(".", "_")
             fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache, family=recipe.family)
+    if needs_materializing(recipe):
+        with _stage("materialize", timings, workspace, PatchError, log):
+            notify("patch: reading the single file and fusing LoRAs with diffusers' loaders")
+            fetched["base"], _fused = materialize(recipe, fetched, staging / "sources" / "base_diffusers")
     need = disk.bundle_bytes(weight_params(fetched, recipe.family), exported_weights(recipe))
     disk.check_free_space(workspace.artifacts, need, ExportError)
 
     with _stage("patch", timings, workspace, PatchError, log, need):
         notify("patch: loading the pipeline and substituting components")
-        substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role != "base"}
+        substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role.startswith("substitutions.")}
         allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
         patched = patch(fetched["base"], substitutes, allow, recipe.family)
         rescaled = fp16fix.rescale_stage(patched, recipe, staging / "rescaled_vae", notify)
+        apply_scheduler(patched.pipeline, recipe.scheduler)
 
     with _stage("export", timings, workspace, ExportError, log, need):
         cache = ComponentCache(workspace.component_cache)
@@ -320,7 +326,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
 def weight_params(fetched: dict[str, FetchedSource], family: PipelineFamily) -> dict[str, int]:
     """Parameters per pipeline folder (text_encoder, unet, vae, ...), substitutes in place, from headers."""
     folders = {c: fetched["base"].path / c for c in family.loaders}
-    folders |= {role.split(".", 1)[1]: f.path for role, f in fetched.items() if role != "base"}
+    folders |= {role.split(".", 1)[1]: f.path for role, f in fetched.items() if role.startswith("substitutions.")}
     return {c: folder_params(folder) for c, folder in folders.items()}
 
 

@@ -144,20 +144,28 @@ def _weights(names: list[str], group: str, role: str, variant: str | None, allow
 
 def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, family: PipelineFamily,
           skip_weights: Iterable[str] = ()) -> FetchedSource:
-    """Download (Hub) or select (local) the files of one source and link them into `dest`."""
+    """Download (Hub) or select (local) the files of one source and link them into `dest`.
+
+    A single-file source is that one file; a config source (`base.config`) is a base's
+    configs and tokenizers, never its weights.
+    """
     src = resolved.source
     inner = src.hub or src.local or src.generated
     subfolder = getattr(inner, "subfolder", None)
-    selected = select_files(
-        resolved.files,
-        role=resolved.role,
-        folders=needed_folders(resolved.role, family),
-        subfolder=subfolder,
-        variant=src.variant,
-        allow_pickle=src.allow_pickle,
-        family=family,
-        skip_weights=skip_weights,
-    )
+    if src.file is not None:
+        selected = [f for f in resolved.files if f.path == src.file]
+    else:
+        config_only = resolved.role == "base.config"
+        selected = select_files(
+            resolved.files,
+            role=resolved.role,
+            folders=needed_folders("base" if config_only else resolved.role, family),
+            subfolder=subfolder,
+            variant=src.variant,
+            allow_pickle=src.allow_pickle,
+            family=family,
+            skip_weights=tuple(family.loaders) if config_only else skip_weights,
+        )
     downloaded = 0
     if resolved.local_path is not None:
         root = resolved.local_path

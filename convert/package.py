@@ -92,17 +92,23 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_OPTIONAL_LOCK_KEYS = ("repo", "revision", "file", "sha256", "scale")
+
+
 class LockedSource(_Record):
     role: str
     source: str = Field(description="The source as the recipe names it (Source.describe()).")
     commit: str = Field(description="40-hex Hub commit, or sha256:<digest> of a local/generated folder.")
     repo: str | None = None  # Hub sources only; absent from the JSON otherwise
     revision: str | None = None
+    file: str | None = None  # single-file sources (checkpoints, LoRAs) only
+    sha256: str | None = None  # that file's sha256
+    scale: float | None = None  # LoRAs only: the fusion scale
 
     @model_serializer(mode="wrap")
     def _hub_keys_only_for_hub(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if v is not None or k not in ("repo", "revision")}
+        return {k: v for k, v in data.items() if v is not None or k not in _OPTIONAL_LOCK_KEYS}
 
 
 class Lock(_Record):
@@ -186,6 +192,7 @@ def model_card(resolution: Resolution, components: list[dict[str, Any]], headlin
             f"Why: {' '.join(sub.reason.split()) or 'not stated in the recipe'}"
         )
         lines.append("")
+    lines += _community_lines(resolution)
     lines += ["## Components", "", "| component | weights | runs at | runtime options |", "|---|---|---|---|"]
     for c in components:
         options = ", ".join(f"{k}={v}" for k, v in c.get("runtime_options", {}).items()) or "-"
@@ -204,6 +211,28 @@ def model_card(resolution: Resolution, components: list[dict[str, Any]], headlin
         "",
     ]
     return "\n".join(lines)
+
+
+def _community_lines(resolution: Resolution) -> list[str]:
+    """Where a single-file base came from, which LoRAs were fused at what scale, and the baked VAE's fate."""
+    recipe, lines = resolution.recipe, []
+    entries = {s.role: resolution.entry(s) for s in resolution.sources}
+    if recipe.base.file is not None:
+        base = entries["base"]
+        where = f"{base['repo']}@{base['commit']}" if "repo" in base else recipe.base.describe()
+        lines.append(f"**Single-file checkpoint:** `{base['file']}` from `{where}` (sha256 `{base['sha256']}`); "
+                     f"configs and tokenizers from `{entries['base.config']['source']}` at `{entries['base.config']['commit']}`.")
+        if "vae" in recipe.substitutions:
+            lines.append(f"**Baked VAE replaced** by `{recipe.substitutions['vae'].source.describe()}`.")
+        lines.append("")
+    for i, lora in enumerate(recipe.lora):
+        entry = entries[f"lora.{i}"]
+        lines += [f"**LoRA fused:** `{entry['file']}` from `{entry['source']}` (sha256 `{entry['sha256']}`) at scale "
+                  f"{lora.scale} into {', '.join(lora.targets)}.", ""]
+    if recipe.scheduler is not None:
+        settings = ", ".join(f"{k}={v}" for k, v in recipe.scheduler.config.items())
+        lines += [f"**Scheduler:** {recipe.scheduler.class_name}" + (f" ({settings})" if settings else "") + ".", ""]
+    return lines
 
 
 def write_json(path: Path, data: Any) -> None:

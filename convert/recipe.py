@@ -41,8 +41,11 @@ from convert.recipe_rules import (
     git_revision,
     image_side,
     local_path,
+    lora_scale,
     ov_properties,
     psnr_floor,
+    scheduler_class,
+    single_file_name,
     suggest,
 )
 from convert.recipe_yaml import read_yaml, short
@@ -97,7 +100,7 @@ class GeneratedSource(_Strict):
 
 
 class Source(_Strict):
-    """Exactly one of hub / local / generated."""
+    """Exactly one of hub / local / generated; with `file`, one checkpoint file of it (kind `single_file`)."""
 
     hub: HubSource | None = Field(default=None, description="Download from the Hugging Face Hub, pinned to a commit.")
     local: LocalSource | None = Field(default=None, description="Use a folder on this machine.")
@@ -109,17 +112,34 @@ class Source(_Strict):
     license: str | None = Field(
         default=None, max_length=128, description="SPDX-like licence id of this source, for the model card."
     )
+    file: Annotated[str, AfterValidator(single_file_name)] | None = Field(
+        default=None,
+        description="Kind single_file: this one .safetensors checkpoint in the repo/folder (original Stability/"
+        "A1111/ComfyUI layout, or a LoRA), fetched alone; nothing else of the repo is read.",
+    )
+    config: Source | None = Field(
+        default=None,
+        description="Single-file base only: the diffusers repo/folder whose configs and tokenizers (never weights) "
+        "describe the file; default: the family's pinned config source (SDXL base repo).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
         given = [k for k in ("hub", "local", "generated") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a source needs exactly one of 'hub', 'local', 'generated' (got {given or 'none'})")
+        inner = self.hub or self.local
+        if self.file is not None and (getattr(inner, "subfolder", None) or self.variant):
+            raise ValueError("a single-file source names its file by path in 'file'; leave subfolder and variant out")
+        if self.config is not None and self.file is None:
+            raise ValueError("'config' describes a single-file checkpoint: set 'file' too, or leave 'config' out")
+        if self.config is not None and (self.config.file is not None or self.config.config is not None):
+            raise ValueError("config: a config source is a diffusers repo/folder, without 'file' or 'config'")
         return self
 
     @property
     def kind(self) -> str:
-        return "hub" if self.hub else "local" if self.local else "generated"
+        return "single_file" if self.file else "hub" if self.hub else "local" if self.local else "generated"
 
     @property
     def variant(self) -> str | None:
@@ -127,13 +147,58 @@ class Source(_Strict):
         return inner.variant if inner is not None else None
 
     def describe(self) -> str:
+        name = f"/{self.file}" if self.file else ""
         if self.hub:
             sub = f"/{self.hub.subfolder}" if self.hub.subfolder else ""
-            return f"hub:{self.hub.repo}{sub}@{self.hub.revision}"
+            return f"hub:{self.hub.repo}{sub}{name}@{self.hub.revision}"
         if self.local:
-            return f"local:{self.local.path}"
+            return f"local:{self.local.path}{name}"
         assert self.generated is not None
-        return f"generated:{self.generated.generator}(seed={self.generated.seed})"
+        return f"generated:{self.generated.generator}(seed={self.generated.seed}){name}"
+
+
+#: What a LoRA may target: the SDXL-style pipeline attributes diffusers' LoRA loader knows.
+LoraTarget = Literal["unet", "text_encoder", "text_encoder_2"]
+
+
+class Lora(_Strict):
+    """A LoRA fused into the weights before export (diffusers' load_lora_weights + fuse_lora)."""
+
+    source: Source = Field(description="The LoRA file: a single-file source (`file:` names it), pinned like any source.")
+    scale: Annotated[float, AfterValidator(lora_scale)] = Field(
+        default=1.0, description="Fusion scale (LoRA strength), finite; 1.0 as its trainer meant it."
+    )
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: ["unet"], min_length=1,
+        description="Components it is fused into; each must match all of the file's keys for it (else an error).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _one_file(cls, value: Source) -> Source:
+        if value.file is None:
+            raise ValueError("a LoRA source names its .safetensors file with 'file'")
+        if value.config is not None:
+            raise ValueError("a LoRA source has no 'config'")
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a target twice")
+        return value
+
+
+class SchedulerOverride(_Strict):
+    """The bundle's scheduler: e.g. trailing-timestep Euler for Lightning/Hyper-style few-step models."""
+
+    class_name: Annotated[str, AfterValidator(scheduler_class)] = Field(
+        description="A diffusers scheduler class, e.g. EulerDiscreteScheduler."
+    )
+    config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Config keys set over the base's scheduler config, e.g. timestep_spacing: trailing."
+    )
 
 
 class Substitution(_Strict):
@@ -307,12 +372,16 @@ class Recipe(_Strict):
         description="Model family (convert/families): its components, loaders, exporters and validation inputs.",
         json_schema_extra={"enum": sorted(FAMILIES)},
     )
-    base: Source = Field(description="The base pipeline (diffusers layout).")
+    base: Source = Field(description="The base pipeline: a diffusers repo/folder, or one single-file checkpoint (`file`).")
     substitutions: dict[str, Substitution] = Field(
         default_factory=dict, description="Components replaced before export, by diffusers name (e.g. 'vae')."
     )
     components: dict[str, ComponentSettings] = Field(
         default_factory=dict, description="Per-component export settings; unlisted components use the defaults."
+    )
+    lora: list[Lora] = Field(default_factory=list, description="LoRAs fused into the weights before export, in order.")
+    scheduler: SchedulerOverride | None = Field(
+        default=None, description="Replace the base's scheduler in the bundle (class and config keys)."
     )
     target: Target = Field(default_factory=Target, description="Device and precisions the bundle is built for.")
     validation: ValidationSettings = Field(default_factory=ValidationSettings, description="Validation gate settings.")
@@ -367,7 +436,15 @@ class Recipe(_Strict):
             if not self.settings_for(part).export:
                 raise ValueError(f"validation.components lists {part} but components.{part}.export is false; "
                                  f"export it or leave it out of validation.components")
+        if self.base.file is not None and self.family.single_file is None:
+            raise ValueError(f"base: pipeline {self.pipeline} cannot be read from a single file; use its diffusers repo")
+        for i, lora in enumerate(self.lora):
+            for target in lora.targets:
+                if target not in self.family.lora_targets:
+                    raise ValueError(f"lora.{i}.targets: {self.pipeline} has no {target} to fuse a LoRA into "
+                                     f"(it has: {', '.join(self.family.lora_targets) or 'none'})")
         sources = [("base", self.base)] + [(f"substitutions.{k}", s.source) for k, s in self.substitutions.items()]
+        sources += [(f"lora.{i}", lora.source) for i, lora in enumerate(self.lora)]
         for role, source in sources:
             if self.publish and source.hub and source.hub.repo.lower() == self.publish.repo.lower():
                 raise ValueError(f"publish.repo {self.publish.repo} is also the {role} source; publishing replaces "
@@ -551,7 +628,10 @@ def recipe_digest(recipe: Recipe) -> str:
     So the same recipe and files give the same id in any checkout, even after a move.
     """
     data = recipe.model_dump(mode="json")
-    for source in [data["base"], *(sub["source"] for sub in data["substitutions"].values())]:
+    sources = [data["base"], *(sub["source"] for sub in data["substitutions"].values()),
+               *(lora["source"] for lora in data["lora"])]
+    sources += [s["config"] for s in sources if s.get("config")]
+    for source in sources:
         if source.get("local"):
             source["local"]["path"] = None
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -79,6 +79,30 @@ def git_revision(value: str) -> str:
     return value
 
 
+def single_file_name(value: str) -> str:
+    """A checkpoint file path inside a repo/folder: relative, safetensors only (pickle formats run code)."""
+    relative_subfolder(value)
+    lower = value.lower()
+    if lower.endswith((".ckpt", ".pt", ".pth", ".bin", ".pkl")):
+        raise ValueError(f"'{short(value)}' is a pickle checkpoint (loading it runs code); refusing it: "
+                         "use a .safetensors release of the model (or convert it on a machine you trust)")
+    if not lower.endswith(".safetensors"):
+        raise ValueError(f"'{short(value)}' is not a .safetensors file")
+    return value
+
+
+def lora_scale(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a LoRA scale: use a finite number such as 1.0 or 0.8")
+    return value
+
+
+def scheduler_class(value: str) -> str:
+    if not re.fullmatch(r"[A-Z][A-Za-z0-9]*Scheduler", value):
+        raise ValueError(f"'{short(value)}' is not a diffusers scheduler class name (like EulerDiscreteScheduler)")
+    return value
+
+
 def generator_name(value: str) -> str:
     if value not in GENERATOR_NAMES:
         raise ValueError(f"unknown generator '{short(value)}'{suggest(value, GENERATOR_NAMES)}")

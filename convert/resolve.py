@@ -59,6 +59,9 @@ class ResolvedSource:
         entry: dict[str, Any] = {"role": self.role, "source": self.source.describe(), "commit": self.commit}
         if self.source.hub:
             entry |= {"repo": self.source.hub.repo, "revision": self.source.hub.revision}
+        if self.source.file is not None:
+            sha = next((f.sha256 for f in self.files if f.path == self.source.file), None)
+            entry |= {"file": self.source.file, "sha256": sha}
         return entry
 
     def pin(self) -> dict[str, str]:
@@ -90,12 +93,19 @@ class Resolution:
                 return s
         raise KeyError(role)
 
+    def entry(self, source: ResolvedSource) -> dict[str, Any]:
+        """A LoRA's lock entry carries its fusion scale: the same file at another scale is another model."""
+        entry = source.lock_entry()
+        if source.role.startswith("lora."):
+            entry["scale"] = self.recipe.lora[int(source.role.split(".")[1])].scale
+        return entry
+
     def lock(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe.name,
             "recipe_sha256": recipe_digest(self.recipe),
             "build_id": self.build_id,
-            "sources": [s.lock_entry() for s in self.sources],
+            "sources": [self.entry(s) for s in self.sources],
             "tools": self.tool_versions,
         }
 
@@ -111,9 +121,22 @@ def tool_versions() -> dict[str, str]:
 
 
 def source_roles(recipe: Recipe) -> list[tuple[str, Source]]:
+    """Every source a build reads: base, its config source (single-file base), substitutes, LoRAs."""
     roles: list[tuple[str, Source]] = [("base", recipe.base)]
+    if recipe.base.file is not None:
+        roles.append(("base.config", recipe.base.config or default_config_source(recipe)))
     roles += [(f"substitutions.{name}", sub.source) for name, sub in recipe.substitutions.items()]
+    roles += [(f"lora.{i}", lora.source) for i, lora in enumerate(recipe.lora)]
     return roles
+
+
+def default_config_source(recipe: Recipe) -> Source:
+    """The family's pinned config repo: configs and tokenizers of it are fetched, never its weights."""
+    from convert.recipe import HubSource
+
+    single = recipe.family.single_file
+    assert single is not None  # the recipe validator refuses a single-file base of a family without one
+    return Source(hub=HubSource(repo=single.config_repo, revision=single.config_commit))
 
 
 def resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace, pins: Mapping[str, str] | None = None) -> Resolution:
@@ -131,13 +154,19 @@ def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: 
                    pin: str | None = None) -> ResolvedSource:
     """Pin one source; `recipe_dir` anchors a local source's relative path."""
     if source.hub is not None:
-        return _resolve_hub(role, source, pin)
+        resolved = _resolve_hub(role, source, pin)
+        if source.file is not None and not any(f.path == source.file for f in resolved.files):
+            raise FetchError(f"{role}: {source.hub.repo}@{resolved.commit[:12]} has no file {source.file}",
+                             hint="check the file name (and folder) in the repo at that revision")
+        return resolved
     if source.local is not None:
         try:
             folder = source.local.folder(recipe_dir)
         except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
             raise FetchError(f"{role}: local source path {recipe_dir / source.local.path} cannot be resolved ({e})",
                              hint="fix the path or the symlinks it goes through") from None
+        if source.file is not None:
+            return _resolve_file(role, source, folder)
         if folder.is_file():
             raise FetchError(
                 f"{role}: local source {folder} is a file; a local source is a folder in diffusers layout",
@@ -151,7 +180,19 @@ def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: 
         _check_diffusers_folder(role, folder, source.local.subfolder)
         return _resolve_folder(role, source, folder)
     assert source.generated is not None
+    if source.file is not None:
+        return _resolve_file(role, source, materialize_generated(source, workspace))
     return _resolve_folder(role, source, materialize_generated(source, workspace))
+
+
+def _resolve_file(role: str, source: Source, folder: Path) -> ResolvedSource:
+    """A single-file source is pinned by that file's sha256 alone; nothing else of the folder is read."""
+    assert source.file is not None
+    path = folder / source.file
+    if not path.is_file():
+        raise FetchError(f"{role}: no file {source.file} in {folder}", hint="check the path and file in the recipe")
+    entry = SourceFile(path=source.file, size=path.stat().st_size, sha256=file_sha256(path))
+    return ResolvedSource(role=role, source=source, commit=f"sha256:{entry.sha256}", files=(entry,), local_path=folder)
 
 
 def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> None:

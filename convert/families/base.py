@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -22,8 +23,30 @@ Prepare = Callable[[Any, Any], Any]
 FitCheck = Callable[[Config, Config, Config], list[str]]
 
 
+#: tensor name -> shape, from a safetensors header (no weight is read to detect an architecture)
+Shapes = Mapping[str, tuple[int, ...]]
+
+
 def no_runtime_options(_pipeline: Any) -> dict[str, str]:
     return {}
+
+
+def load_with_diffusers(pipeline_class: str, file: Path, config: Path, torch_dtype: Any) -> Any:
+    """diffusers' own single-file loader, offline, with the configs of a local diffusers folder."""
+    import diffusers
+
+    return getattr(diffusers, pipeline_class).from_single_file(
+        str(file), config=str(config), local_files_only=True, torch_dtype=torch_dtype)
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """How a family is read from one original-layout (Stability/A1111/ComfyUI) checkpoint file."""
+
+    signature: Callable[[Shapes], bool]  # pure: does a file with these tensors hold this family?
+    config_repo: str  # default config source: configs and tokenizers only, never its weights
+    config_commit: str  # pinned: a moved branch must not change what a file is read as
+    load: Callable[[str, Path, Path, Any], Any] = load_with_diffusers  # (pipeline class, file, config, dtype)
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,8 @@ class PipelineFamily:
     pipeline_options: Callable[[Config], dict[str, Any]] = lambda _index: {}
     optional: tuple[str, ...] = ()  # pipeline attributes a source may lack, passed as None (SD3 without T5)
     task: str = "text-to-image"  # or "image-to-image": the Hub pipeline tag, the card snippet, the denoise run
+    single_file: SingleFile | None = None  # None: only diffusers-layout sources
+    lora_targets: tuple[str, ...] = ()  # attributes diffusers' LoRA loader fuses into; () = no `lora` patch
 
     @property
     def weighted(self) -> tuple[str, ...]:
@@ -215,6 +240,7 @@ def frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
 
 __all__ = [
     "CLIP_TOKENIZER_FILES", "CONFIG_FILES", "Config", "FitCheck", "LatentSpace", "PipelineFamily", "Prepare",
+    "Shapes", "SingleFile", "load_with_diffusers",
     "SubmodelSpec", "as_is", "frozen", "no_runtime_options", "prepare_clip_hidden_states",
     "prepare_vae_decoder", "prepare_vae_encoder", "require", "same_config", "vae_fit",
 ]  # fmt: skip

@@ -14,6 +14,8 @@ from convert.families.base import (
     Config,
     LatentSpace,
     PipelineFamily,
+    Shapes,
+    SingleFile,
     SubmodelSpec,
     frozen,
     prepare_clip_hidden_states,
@@ -59,6 +61,25 @@ def _pipeline_options(index: Config) -> dict[str, Any]:
             "add_watermarker": False}
 
 
+def _sdxl_unet(shapes: Shapes) -> bool:
+    """An SGM UNet with SDXL's added (text, time) embedding."""
+    return "model.diffusion_model.label_emb.0.0.weight" in shapes and "model.diffusion_model.input_blocks.0.0.weight" in shapes
+
+
+def is_sdxl_base(shapes: Shapes) -> bool:
+    """Stability's SDXL base layout: CLIP-L as embedders.0, OpenCLIP-bigG as embedders.1."""
+    return (_sdxl_unet(shapes) and "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight" in shapes
+            and "conditioner.embedders.1.model.positional_embedding" in shapes)
+
+
+def is_sdxl_refiner(shapes: Shapes) -> bool:
+    """The refiner: OpenCLIP-bigG alone, as embedders.0."""
+    return _sdxl_unet(shapes) and "conditioner.embedders.0.model.text_projection" in shapes
+
+
+#: stabilityai/stable-diffusion-xl-base-1.0 at the commit its 1.0 release files were last changed
+SDXL_BASE_REPO, SDXL_BASE_COMMIT = "stabilityai/stable-diffusion-xl-base-1.0", "462165984030d82259a11f4367a4eed129e94a7b"
+
 _TEXT_ENCODER_FITS = same_config("text_encoder", "text encoder",
                                  ("hidden_size", "projection_dim", "num_hidden_layers", "vocab_size"),
                                  "substitute a text encoder of the same architecture")
@@ -100,4 +121,6 @@ SDXL = PipelineFamily(
     latents=LatentSpace(channels=4, scaling_factor=0.13025),
     tags=("stable-diffusion-xl",),
     pipeline_options=_pipeline_options,
+    single_file=SingleFile(is_sdxl_base, SDXL_BASE_REPO, SDXL_BASE_COMMIT),
+    lora_targets=("unet", "text_encoder", "text_encoder_2"),
 )

@@ -12,8 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from convert.families.base import Config, frozen
-from convert.families.sdxl import SDXL
+from convert.families.base import Config, SingleFile, frozen
+from convert.families.sdxl import SDXL, is_sdxl_refiner
+
+#: stabilityai/stable-diffusion-xl-refiner-1.0, pinned (configs and tokenizers only are read)
+SDXL_REFINER_REPO, SDXL_REFINER_COMMIT = ("stabilityai/stable-diffusion-xl-refiner-1.0",
+                                          "5d4cfe854c9a9a87939ff3653551c2b3c99a4356")
 
 
 def _pipeline_options(index: Config) -> dict[str, Any]:
@@ -37,4 +41,6 @@ SDXL_REFINER = dataclasses.replace(
     pipeline_options=_pipeline_options,
     optional=("text_encoder", "tokenizer"),
     task="image-to-image",
+    single_file=SingleFile(is_sdxl_refiner, SDXL_REFINER_REPO, SDXL_REFINER_COMMIT),
+    lora_targets=("unet", "text_encoder_2"),
 )

@@ -1,0 +1,216 @@
+"""Community checkpoints: one original-layout file, LoRAs fused in, a scheduler override.
+
+Stage 3a, between fetch and patch: a single-file base (and any LoRA) becomes an ordinary
+diffusers folder in the build's staging area, written by diffusers' own loaders
+(`from_single_file` with the configs of a pinned config source, `load_lora_weights` +
+`fuse_lora`); the patch, export and validation stages then read it like any diffusers
+source, so the fused weights are what gets exported and the baked-in VAE is the original
+the validation gate compares a substitute against. No key mapping is written here.
+
+What a file is, is decided before any weight is read: from tensor names and shapes in its
+header (`detect_architecture`, pure), against the family records' signatures.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convert.errors import PatchError
+from convert.families import FAMILIES, PipelineFamily
+from convert.families.base import Shapes
+from convert.fetch import FetchedSource, NotSafetensors, read_safetensors_header
+from convert.recipe import Lora, Recipe, SchedulerOverride
+
+log = logging.getLogger(__name__)
+
+#: Architectures we recognise but do not convert from a single file: (label, test on the tensor names).
+_OTHER_ARCHITECTURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("FLUX", ("double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")),
+    ("SD3 / SD3.5", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
+                     "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias")),
+    ("SD 2.x", ("cond_stage_model.model.token_embedding.weight",)),
+    ("SD 1.x", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+                "cond_stage_model.transformer.embeddings.position_embedding.weight")),
+    ("a diffusers-layout UNet file (not a full checkpoint)", ("down_blocks.0.resnets.0.conv1.weight",)),
+)
+_LORA_KEY = re.compile(r"(lora_down|lora\.down|lora_A|lora_up|lora\.up|lora_B)")
+
+
+def shapes_of(header: Mapping[str, Any]) -> Shapes:
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def detect_architecture(shapes: Shapes, families: Mapping[str, PipelineFamily] = FAMILIES) -> str:
+    """The family name whose single-file signature the tensors match, else a label of what they look like."""
+    for family in families.values():
+        if family.single_file is not None and family.single_file.signature(shapes):
+            return family.name
+    if any(_LORA_KEY.search(k) for k in list(shapes)[:64]):
+        return "a LoRA (not a full checkpoint)"
+    for label, keys in _OTHER_ARCHITECTURES:
+        if any(k in shapes for k in keys):
+            return label
+    if any(k.startswith("model.diffusion_model.") for k in shapes) and not any(k.startswith("first_stage_model.") for k in shapes):
+        return "a UNet without its VAE and text encoders"
+    return "an unknown architecture"
+
+
+def check_architecture(file: Path, family: PipelineFamily) -> Shapes:
+    """The file's shapes, once its tensors are those of the recipe's family; else one line naming what it is."""
+    try:
+        shapes = shapes_of(read_safetensors_header(file))
+    except NotSafetensors as e:
+        raise PatchError(f"base: {file.name} is not a valid safetensors file: {e}", hint="fetch it again") from None
+    found = detect_architecture(shapes)
+    if found != family.name:
+        fix = (f"set pipeline: {found} in the recipe" if found in FAMILIES
+               else f"this tool reads {family.description.split(' (')[0]} single files; use a checkpoint of that family")
+        raise PatchError(f"base: {file.name} is {found if found not in FAMILIES else 'a ' + found} checkpoint, "
+                         f"not {family.name}", hint=fix)
+    return shapes
+
+
+def check_config_source(config: Path, family: PipelineFamily) -> None:
+    """The config source describes the recipe's family (a refiner config cannot describe a base file)."""
+    import json
+
+    index_path = config / "model_index.json"
+    try:
+        found = json.loads(index_path.read_bytes()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PatchError(f"base.config: cannot read model_index.json of the config source ({e})",
+                         hint="point base.config at a diffusers repo/folder of the file's family") from None
+    if found != family.diffusers_class:
+        raise PatchError(f"base.config: the config source is a {found}, but the file is {family.name} "
+                         f"({family.diffusers_class})",
+                         hint=f"use the config of a {family.diffusers_class} (default: {_default(family)})")
+
+
+def _default(family: PipelineFamily) -> str:
+    assert family.single_file is not None
+    return f"{family.single_file.config_repo}@{family.single_file.config_commit[:12]}"
+
+
+def _torch_dtype(shapes_header: Mapping[str, Any]) -> Any:
+    import torch
+
+    dtypes = {e["dtype"] for k, e in shapes_header.items() if k != "__metadata__"}
+    return torch.float16 if "F16" in dtypes else torch.bfloat16 if "BF16" in dtypes else torch.float32
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@dataclass(frozen=True)
+class FusedLora:
+    role: str
+    scale: float
+    modules: dict[str, int]  # target -> LoRA modules fused into it
+
+
+def lora_modules(state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """LoRA layers per pipeline component in diffusers' converted state dict (one down/A matrix per layer)."""
+    counts: dict[str, int] = {}
+    for key in state_dict:
+        if key.endswith(("down.weight", "lora_A.weight")):
+            component = key.split(".", 1)[0]
+            counts[component] = counts.get(component, 0) + 1
+    return counts
+
+
+def fuse_lora(pipe: Any, lora: Lora, fetched: FetchedSource) -> FusedLora:
+    """Load one LoRA with diffusers, check every one of its layers found its place, fuse it, drop the adapter.
+
+    diffusers only warns when LoRA keys match nothing or part of a model; a LoRA for another
+    architecture would silently change nothing (or half a model), so both are errors here.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    role, file = fetched.role, fetched.path / str(lora.source.file)
+    fix = "use a LoRA trained for this model family, or fix its targets in the recipe"
+    try:
+        state, _alphas = pipe.lora_state_dict(str(file))
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise PatchError(f"{role}: diffusers cannot read {lora.source.file} as a LoRA ({_first(e)})", hint=fix) from e
+    found = lora_modules(state)
+    stray = {c: n for c, n in found.items() if c not in lora.targets}
+    if stray:
+        raise PatchError(f"{role}: {lora.source.file} also holds {', '.join(f'{n} {c}' for c, n in stray.items())} "
+                         f"LoRA layers, outside its targets {lora.targets}", hint="add them to targets, or use another file")
+    adapter = role.replace(".", "_")
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter)
+    except (ValueError, KeyError, RuntimeError) as e:
+        total = sum(found.values())
+        raise PatchError(f"{role}: 0 of {total} LoRA layers of {lora.source.file} matched the model "
+                         f"({_first(e)})", hint=fix) from e
+    matched: dict[str, int] = {}
+    for target in lora.targets:
+        component = getattr(pipe, target, None)
+        matched[target] = 0 if component is None else sum(
+            1 for m in component.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
+        if found.get(target, 0) == 0 or matched[target] != found[target]:
+            raise PatchError(f"{role}: {matched[target]} of {found.get(target, 0)} LoRA layers of {lora.source.file} "
+                             f"matched the {target}", hint=fix)
+    pipe.fuse_lora(components=list(lora.targets), lora_scale=lora.scale, adapter_names=[adapter])
+    pipe.unload_lora_weights()
+    log.info("%s: fused %s at scale %s", role, matched, lora.scale)
+    return FusedLora(role, lora.scale, matched)
+
+
+def _first(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def needs_materializing(recipe: Recipe) -> bool:
+    return recipe.base.file is not None or bool(recipe.lora)
+
+
+def materialize(recipe: Recipe, fetched: Mapping[str, FetchedSource], dest: Path) -> tuple[FetchedSource, list[FusedLora]]:
+    """The base as a diffusers folder at `dest`: read from its single file (or diffusers folder), LoRAs fused."""
+    import diffusers
+
+    family, base = recipe.family, fetched["base"]
+    if recipe.base.file is not None:
+        assert family.single_file is not None  # the recipe validator checked it
+        file = base.path / recipe.base.file
+        check_architecture(file, family)
+        config = fetched["base.config"].path
+        check_config_source(config, family)
+        dtype = _torch_dtype(read_safetensors_header(file))
+        try:
+            pipe = family.single_file.load(family.diffusers_class, file, config, dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise PatchError(f"base: diffusers cannot read {file.name} with the config source's configs ({_first(e)})",
+                             hint="check base.config describes this checkpoint (same family and sizes)") from e
+    else:
+        pipe = getattr(diffusers, family.diffusers_class).from_pretrained(base.path)
+    fused = [fuse_lora(pipe, lora, fetched[f"lora.{i}"]) for i, lora in enumerate(recipe.lora)]
+    pipe.save_pretrained(dest, safe_serialization=True)
+    del pipe
+    return FetchedSource(role="base", path=dest, commit=base.commit, files=base.files), fused
+
+
+def apply_scheduler(pipeline: Any, override: SchedulerOverride | None) -> None:
+    """Replace the pipeline's scheduler (its config keys carried over, the recipe's set on top)."""
+    if override is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, override.class_name, None)
+    if cls is None:
+        raise PatchError(f"scheduler: diffusers has no {override.class_name}",
+                         hint="name a diffusers scheduler class such as EulerDiscreteScheduler")
+    try:
+        pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **override.config)
+    except (TypeError, ValueError) as e:
+        raise PatchError(f"scheduler: cannot build {override.class_name} ({_first(e)})",
+                         hint="check the scheduler config keys") from e
