@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 
 #: Architectures we recognise but do not convert from a single file: (label, test on the tensor names).
 _OTHER_ARCHITECTURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("FLUX", ("double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")),
-    ("SD3 / SD3.5", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
+    ("a FLUX", ("double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")),
+    ("an SD3 / SD3.5", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
                      "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias")),
-    ("SD 2.x", ("cond_stage_model.model.token_embedding.weight",)),
-    ("SD 1.x", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    ("an SD 2.x", ("cond_stage_model.model.token_embedding.weight",)),
+    ("an SD 1.x", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
                 "cond_stage_model.transformer.embeddings.position_embedding.weight")),
-    ("a diffusers-layout UNet file (not a full checkpoint)", ("down_blocks.0.resnets.0.conv1.weight",)),
+    ("a diffusers-layout UNet file, not a full", ("down_blocks.0.resnets.0.conv1.weight",)),
 )
 _LORA_KEY = re.compile(r"(lora_down|lora\.down|lora_A|lora_up|lora\.up|lora_B)")
 
@@ -46,18 +46,19 @@ def shapes_of(header: Mapping[str, Any]) -> Shapes:
 
 
 def detect_architecture(shapes: Shapes, families: Mapping[str, PipelineFamily] = FAMILIES) -> str:
-    """The family name whose single-file signature the tensors match, else a label of what they look like."""
+    """The family name whose single-file signature the tensors match, else what they look like
+    ("an SD 1.x", completed by "checkpoint" in messages)."""
     for family in families.values():
         if family.single_file is not None and family.single_file.signature(shapes):
             return family.name
     if any(_LORA_KEY.search(k) for k in list(shapes)[:64]):
-        return "a LoRA (not a full checkpoint)"
+        return "a LoRA, not a full"
     for label, keys in _OTHER_ARCHITECTURES:
         if any(k in shapes for k in keys):
             return label
     if any(k.startswith("model.diffusion_model.") for k in shapes) and not any(k.startswith("first_stage_model.") for k in shapes):
-        return "a UNet without its VAE and text encoders"
-    return "an unknown architecture"
+        return "a UNet-only (no VAE, no text encoders)"
+    return "an unrecognised"
 
 
 def check_architecture(file: Path, family: PipelineFamily) -> Shapes:
@@ -71,7 +72,7 @@ def check_architecture(file: Path, family: PipelineFamily) -> Shapes:
         fix = (f"set pipeline: {found} in the recipe" if found in FAMILIES
                else f"this tool reads {family.description.split(' (')[0]} single files; use a checkpoint of that family")
         raise PatchError(f"base: {file.name} is {found if found not in FAMILIES else 'a ' + found} checkpoint, "
-                         f"not {family.name}", hint=fix)
+                         f"not a {family.name} one", hint=fix)
     return shapes
 
 

@@ -67,3 +67,34 @@ def test_lora_layouts_fuse_to_the_same_weights(fixtures: dict[str, Path]) -> Non
         assert len(changed) == 136, weight_name  # q, k, v, out of each of the 34 attention layers
         fused.append(after)
     assert all(torch.equal(fused[0][k], fused[1][k]) for k in fused[0])
+
+
+SDXL_UNET = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+             "model.diffusion_model.label_emb.0.0.weight": (1280, 2816)}
+
+
+@pytest.mark.parametrize(("keys", "expected"), [
+    ({**SDXL_UNET, "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+      "conditioner.embedders.1.model.positional_embedding": (77, 1280)}, "stable-diffusion-xl"),
+    ({**SDXL_UNET, "conditioner.embedders.0.model.text_projection": (1280, 1280)}, "stable-diffusion-xl-refiner"),
+    ({"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768)}, "an SD 1.x"),
+    ({"cond_stage_model.model.token_embedding.weight": (49408, 1024)}, "an SD 2.x"),
+    ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,)}, "an SD3 / SD3.5"),
+    ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "a FLUX"),
+    ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": (4, 640)}, "a LoRA, not a full"),
+    ({"down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}, "a diffusers-layout UNet file, not a full"),
+    (SDXL_UNET, "a UNet-only (no VAE, no text encoders)"),
+    ({"something": (1,)}, "an unrecognised"),
+])
+def test_detect_architecture_from_names_and_shapes(keys: dict[str, tuple[int, ...]], expected: str) -> None:
+    from convert.single_file import detect_architecture
+
+    assert detect_architecture(keys) == expected
+
+
+def test_generated_single_file_is_detected_as_sdxl_base(fixtures: dict[str, Path]) -> None:
+    from convert.fetch import read_safetensors_header
+    from convert.single_file import detect_architecture, shapes_of
+
+    header = read_safetensors_header(fixtures["tiny-sdxl-single-file"] / CHECKPOINT)
+    assert detect_architecture(shapes_of(header)) == "stable-diffusion-xl"
