@@ -444,6 +444,9 @@ class Recipe(_Strict):
                     raise ValueError(f"lora.{i}.targets: {self.pipeline} has no {target} to fuse a LoRA into "
                                      f"(it has: {', '.join(self.family.lora_targets) or 'none'})")
         sources = [("base", self.base)] + [(f"substitutions.{k}", s.source) for k, s in self.substitutions.items()]
+        for role, source in sources[1:]:
+            if source.file is not None:
+                raise ValueError(f"{role}: a substitute is a diffusers component folder; 'file' is for the base and LoRAs")
         sources += [(f"lora.{i}", lora.source) for i, lora in enumerate(self.lora)]
         for role, source in sources:
             if self.publish and source.hub and source.hub.repo.lower() == self.publish.repo.lower():

@@ -13,6 +13,7 @@ header (`detect_architecture`, pure), against the family records' signatures.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -78,8 +79,6 @@ def check_architecture(file: Path, family: PipelineFamily) -> Shapes:
 
 def check_config_source(config: Path, family: PipelineFamily) -> None:
     """The config source describes the recipe's family (a refiner config cannot describe a base file)."""
-    import json
-
     index_path = config / "model_index.json"
     try:
         found = json.loads(index_path.read_bytes()).get("_class_name")

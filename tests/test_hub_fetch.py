@@ -414,3 +414,29 @@ def test_download_that_cannot_fit_the_cache_is_refused_before_it_starts(
     assert "set HF_HUB_CACHE to another disk" in str(info.value)
     assert not [p for m, p, _ in resolve_requests(hub_server, new_repo_id, start) if m == "GET"]
     assert not (tmp_path / "view").exists()
+
+
+def test_single_file_source_downloads_that_file_alone(pipeline_repo, hub_server: HubServer, tmp_path: Path) -> None:
+    """Kind single_file: one file of the repo, pinned to the commit, sha256-verified; no other request."""
+    repo, files = pipeline_repo
+    source = Source(hub=HubSource(repo=repo, revision="main"), file="sd_xl_base_1.0.safetensors")
+    since = len(hub_server.requests_log())
+    resolved, fetched = resolve_and_fetch("base", source, tmp_path)
+    assert view(fetched, tmp_path / "view") == {"sd_xl_base_1.0.safetensors": sha(files["sd_xl_base_1.0.safetensors"])}
+    assert {p for _m, p, _s in resolve_requests(hub_server, repo, since)} == {"sd_xl_base_1.0.safetensors"}
+    entry = resolved.lock_entry()
+    assert entry["file"] == "sd_xl_base_1.0.safetensors" and entry["sha256"] == sha(files["sd_xl_base_1.0.safetensors"])
+    assert entry["commit"] == resolved.commit and len(resolved.commit) == 40
+
+
+def test_single_file_missing_from_the_repo_is_one_line(pipeline_repo, tmp_path: Path) -> None:
+    repo, _ = pipeline_repo
+    with pytest.raises(FetchError, match=r"base: .* has no file sd_xl_turbo\.safetensors"):
+        resolve_and_fetch("base", Source(hub=HubSource(repo=repo), file="sd_xl_turbo.safetensors"), tmp_path)
+
+
+def test_config_source_takes_configs_and_tokenizers_never_weights(pipeline_repo, tmp_path: Path) -> None:
+    repo, _ = pipeline_repo
+    _, fetched = resolve_and_fetch("base.config", hub_source(repo), tmp_path)
+    got = sorted(view(fetched, tmp_path / "view"))
+    assert got == sorted(p for p in EXPECTED_FP16 if not p.endswith(".safetensors"))
