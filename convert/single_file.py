@@ -147,6 +147,12 @@ def fuse_lora(pipe: Any, lora: Lora, fetched: FetchedSource) -> FusedLora:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as e:
         total = sum(found.values())
+        mismatch = re.search(r"size mismatch for (\S+?): copying a param with shape (.+?) from checkpoint, "
+                             r"the shape in current model is (.+?)\.?$", str(e), re.M)
+        if mismatch:  # the names fit, the shapes do not: a LoRA of another architecture
+            layer, theirs, ours = mismatch.groups()
+            raise PatchError(f"{role}: the LoRA layers of {lora.source.file} have the shapes of another model "
+                             f"({layer}: {theirs} in the LoRA, {ours} in the model)", hint=fix) from e
         raise PatchError(f"{role}: 0 of {total} LoRA layers of {lora.source.file} matched the model "
                          f"({_first(e)})", hint=fix) from e
     matched: dict[str, int] = {}

@@ -133,13 +133,16 @@ def test_without_vae_substitution_the_checkpoint_fails_the_fp16_gate(artifacts: 
 BAD_LORA = "\nlora:\n  - source: {{local: {{path: {folder}}}, file: {file}}}\n    targets: [unet]\n"
 
 
-def _lora_variant(artifacts: Path, tmp_path: Path, rename: tuple[str, str]) -> Path:
-    """The fixture LoRA (diffusers layout) with module names rewritten: a LoRA made for another UNet."""
+def _lora_variant(artifacts: Path, tmp_path: Path, rename: tuple[str, str], widen: int = 0) -> Path:
+    """The fixture LoRA (diffusers layout) with module names rewritten or inputs widened: one made for another UNet."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(_generated(artifacts, "tiny-sdxl-lora") / "pytorch_lora_weights.safetensors"))
     folder = tmp_path / "lora"
     folder.mkdir()
+    if widen:
+        state = {k: torch.zeros(v.shape[0], v.shape[1] + widen) if ".down." in k else v for k, v in state.items()}
     save_file({k.replace(*rename): v for k, v in state.items()}, str(folder / "other.safetensors"))
     return folder
 
@@ -171,7 +174,7 @@ def _sd15_like() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", ["other-family", "truncated", "ckpt", "lora-other-arch", "lora-no-keys",
-                                  "lora-nan", "refiner-config"])
+                                  "lora-shapes", "lora-nan", "refiner-config"])
 def test_bad_community_inputs(case: str, artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     local_file = "local: {{path: {folder}}}\n  file: model.safetensors"
     if case == "other-family":
@@ -191,6 +194,8 @@ def test_bad_community_inputs(case: str, artifacts: Path, tmp_path: Path, capsys
     if case == "lora-no-keys":
         body += BAD_LORA.format(folder=_lora_variant(artifacts, tmp_path, ("unet.", "unet.no_such_block.")),
                                 file="other.safetensors")
+    if case == "lora-shapes":  # same layer names, another model's widths
+        body += BAD_LORA.format(folder=_lora_variant(artifacts, tmp_path, ("", ""), widen=8), file="other.safetensors")
     if case == "lora-nan":
         body += "lora:\n  - source: {generated: {generator: tiny-sdxl-lora}, file: pytorch_lora_weights.safetensors}\n" \
                 "    scale: .nan\n"
@@ -204,6 +209,7 @@ def test_bad_community_inputs(case: str, artifacts: Path, tmp_path: Path, capsys
         "ckpt": (2, "'model.ckpt' is a pickle checkpoint (loading it runs code); refusing it"),
         "lora-other-arch": (4, "lora.0: 120 of 136 LoRA layers of other.safetensors matched the unet"),
         "lora-no-keys": (4, "lora.0: 0 of 136 LoRA layers of other.safetensors matched the model"),
+        "lora-shapes": (4, "lora.0: the LoRA layers of other.safetensors have the shapes of another model ("),
         "lora-nan": (2, "nan is not a LoRA scale: use a finite number"),
         "refiner-config": (4, "base.config: the config source is a StableDiffusionXLImg2ImgPipeline, but the file "
                               "is stable-diffusion-xl"),
