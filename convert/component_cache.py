@@ -35,7 +35,7 @@ from convert.resolve import Resolution
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SDXL_CONVERT_CACHE"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 ENTRY_INFO = "entry.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: This tool's modules whose code shapes an exported IR: a change to them invalidates every entry.
@@ -78,6 +78,8 @@ def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
     used = {s.role: used_files(s, family) for s in resolution.sources}
     code = export_code_digest()
     inputs: dict[str, dict[str, Any]] = {}
+    whole = sorted(f"{s.role}:{f['path']}:{_content(f)}" for s in resolution.sources
+                   if s.role.startswith("lora.") or s.source.file is not None for f in used[s.role])
     for name in family.weighted:
         settings = recipe.settings_for(name)
         if not settings.export:
@@ -91,6 +93,9 @@ def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
                          if f["path"].startswith(prefix) and _is_weight(f["path"]))
         inputs[name] = {
             "format": CACHE_FORMAT,
+            # a single-file base and LoRAs write into every component's weights: all of them key every submodel
+            "whole_pipeline_sources": whole,
+            "lora": [lora.model_dump(mode="json") for lora in recipe.lora],
             "family": family.name,
             "submodel": name,
             "component": component,

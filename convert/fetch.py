@@ -142,30 +142,35 @@ def _weights(names: list[str], group: str, role: str, variant: str | None, allow
     raise FetchError(f"{role}: no .safetensors weights in {group or 'the root'}", hint="check the source and subfolder")
 
 
-def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, family: PipelineFamily,
-          skip_weights: Iterable[str] = ()) -> FetchedSource:
-    """Download (Hub) or select (local) the files of one source and link them into `dest`.
+def source_selection(resolved: ResolvedSource, family: PipelineFamily,
+                     skip_weights: Iterable[str] = ()) -> list[SourceFile]:
+    """The files a build takes from one source: what fetch downloads, the lock records and cache keys hash.
 
     A single-file source is that one file; a config source (`base.config`) is a base's
     configs and tokenizers, never its weights.
     """
     src = resolved.source
-    inner = src.hub or src.local or src.generated
-    subfolder = getattr(inner, "subfolder", None)
     if src.file is not None:
-        selected = [f for f in resolved.files if f.path == src.file]
-    else:
-        config_only = resolved.role == "base.config"
-        selected = select_files(
-            resolved.files,
-            role=resolved.role,
-            folders=needed_folders("base" if config_only else resolved.role, family),
-            subfolder=subfolder,
-            variant=src.variant,
-            allow_pickle=src.allow_pickle,
-            family=family,
-            skip_weights=tuple(family.loaders) if config_only else skip_weights,
-        )
+        return [f for f in resolved.files if f.path == src.file]
+    config_only = resolved.role == "base.config"
+    return select_files(
+        resolved.files,
+        role=resolved.role,
+        folders=needed_folders("base" if config_only else resolved.role, family),
+        subfolder=getattr(src.hub or src.local or src.generated, "subfolder", None),
+        variant=src.variant,
+        allow_pickle=src.allow_pickle,
+        family=family,
+        skip_weights=tuple(family.loaders) if config_only else skip_weights,
+    )
+
+
+def fetch(resolved: ResolvedSource, dest: Path, *, cache_dir: Path | None, family: PipelineFamily,
+          skip_weights: Iterable[str] = ()) -> FetchedSource:
+    """Download (Hub) or select (local) the files of one source and link them into `dest`."""
+    src = resolved.source
+    subfolder = getattr(src.hub or src.local or src.generated, "subfolder", None)
+    selected = source_selection(resolved, family, skip_weights)
     downloaded = 0
     if resolved.local_path is not None:
         root = resolved.local_path

@@ -30,13 +30,9 @@ def lock_path(recipe_path: Path) -> Path:
 
 def used_files(resolved: ResolvedSource, family: PipelineFamily) -> list[dict[str, Any]]:
     """The files a build of this source fetches (fetch's allow-list), with their hashes."""
-    from convert.fetch import needed_folders, select_files
+    from convert.fetch import source_selection
 
-    src = resolved.source
-    inner = src.hub or src.local or src.generated
-    selected = select_files(resolved.files, role=resolved.role, folders=needed_folders(resolved.role, family),
-                            subfolder=getattr(inner, "subfolder", None), variant=src.variant,
-                            allow_pickle=src.allow_pickle, family=family)
+    selected = source_selection(resolved, family)
     return [{"path": f.path, "size": f.size, "sha256": f.sha256} | ({"git_oid": f.git_oid} if f.git_oid else {})
             for f in sorted(selected, key=lambda f: f.path)]
 

@@ -98,3 +98,29 @@ def test_generated_single_file_is_detected_as_sdxl_base(fixtures: dict[str, Path
 
     header = read_safetensors_header(fixtures["tiny-sdxl-single-file"] / CHECKPOINT)
     assert detect_architecture(shapes_of(header)) == "stable-diffusion-xl"
+
+
+def test_cache_keys_follow_the_single_file_and_every_lora(artifacts_root: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A single-file base and its LoRAs write into every component's weights, so the component cache
+    must not reuse a submodel exported from another file, another LoRA or another LoRA scale."""
+    import json
+
+    from convert.cli import main
+    from convert.workspace import PROJECT_ROOT
+
+    original = (PROJECT_ROOT / "recipes" / "tiny-singlefile-lora.yaml").read_text()
+
+    def keys(text: str, name: str) -> dict[str, str]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text.replace("name: tiny-singlefile-lora", f"name: {name}"))
+        assert main(["cache-key", str(path), "--json", "--artifacts", str(artifacts_root)]) == 0
+        return json.loads(capsys.readouterr().out)["components"]
+
+    base = keys(original, "keys-base")
+    assert "scale: 0.8" in original and LORA_KOHYA in original
+    scaled = keys(original.replace("scale: 0.8", "scale: 0.5"), "keys-scale")
+    other_file = keys(original.replace(LORA_KOHYA, LORA_DIFFUSERS), "keys-file")
+    assert all(scaled[c] != base[c] for c in ("unet", "text_encoder", "text_encoder_2"))
+    assert all(other_file[c] != base[c] for c in ("unet", "text_encoder", "text_encoder_2"))
+    assert keys(original, "keys-again") == base  # the recipe's name is not part of a component's key
