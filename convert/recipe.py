@@ -434,8 +434,9 @@ class Recipe(_Strict):
                     raise ValueError(f"validation.components lists {part}, which a {self.pipeline} pipeline does not have")
                 continue
             if not self.settings_for(part).export:
-                raise ValueError(f"validation.components lists {part} but components.{part}.export is false; "
-                                 f"export it or leave it out of validation.components")
+                listed = "lists" if explicit else "defaults to every submodel, including"
+                raise ValueError(f"validation.components {listed} {part} but components.{part}.export is false; "
+                                 f"export it or list only exported submodels in validation.components")
         if self.base.file is not None and self.family.single_file is None:
             raise ValueError(f"base: pipeline {self.pipeline} cannot be read from a single file; use its diffusers repo")
         for i, lora in enumerate(self.lora):

@@ -133,7 +133,7 @@ def test_nonsense_validation_settings(tmp_path: Path, capsys: pytest.CaptureFixt
         ("substitutions: {vae_encoder: {source: {generated: {generator: tiny-sdxl-vae-fp16-fix}}}}",
          "cannot substitute 'vae_encoder' alone; did you mean 'vae'?"),
         ("components: {vae_encoder: {export: false}}",
-         "validation.components lists vae_encoder but components.vae_encoder.export is false"),
+         "validation.components defaults to every submodel, including vae_encoder but components.vae_encoder.export is false"),
         ("components: [unet]", "line 4: components: Input should be a valid dictionary"),
         ("components: {1: {weights: fp16}}", "components.1.[key]: Input should be a valid string"),
         ("components: {vae_decoder: {runtime_options: {'<x y=\"1\">': '1'}}}",

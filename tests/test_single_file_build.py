@@ -120,7 +120,8 @@ def test_without_vae_substitution_the_checkpoint_fails_the_fp16_gate(artifacts: 
             "components:\n  text_encoder: {export: false}\n  text_encoder_2: {export: false}\n  unet: {export: false}\n"
             "  vae_decoder: {weights: fp16}\n  vae_encoder: {weights: fp16}\n"
             "target: {inference_precision: [f16]}\n"
-            "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, check_original: false}\n")
+            "validation: {components: [vae_decoder, vae_encoder], resolution: 64, small_resolution: 32, "
+            "denoise_steps: 0, check_original: false}\n")
     path = write_recipe(tmp_path, "baked-vae", body)
     assert main(["--artifacts", str(artifacts), "convert", str(path)]) == 6
     err = capsys.readouterr().err
