@@ -204,7 +204,8 @@ def plan_rescale(coder: Coder, peaks: Mapping[str, float], headroom: float, *, o
 
 
 @torch.no_grad()
-def _scale_(layer: nn.Module, factor: float, weight: bool = True) -> None:
+def scale_layer_(layer: nn.Module, factor: float, weight: bool = True) -> None:
+    """Scale a layer's output in place; `weight=False` scales only the bias (layers that pass the stream through)."""
     if weight:
         layer.weight.mul_(factor)
     if layer.bias is not None:
@@ -219,15 +220,15 @@ def apply_rescale(vae: AutoencoderKL, plans: list[RescalePlan]) -> AutoencoderKL
         _check_architecture(coder, plan.coder)
         s = plan.stream_scale
         for writer in stream_writers(coder):
-            _scale_(writer, s)
+            scale_layer_(writer, s)
         for passer in stream_passers(coder):
-            _scale_(passer, s, weight=False)
+            scale_layer_(passer, s, weight=False)
         if plan.scale_eps:
             for norm in stream_norms(coder):
                 norm.eps *= s * s
         for path, t in plan.branch_scales.items():
             resnet = coder.get_submodule(path.removeprefix(plan.coder + "."))
-            _scale_(resnet.conv1, t)
+            scale_layer_(resnet.conv1, t)
             if plan.scale_eps:
                 resnet.norm2.eps *= t * t
     fixed.register_to_config(force_upcast=False)

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from convert.rescale import scale_layer_
+
 if TYPE_CHECKING:  # diffusers/transformers cost seconds to import: only load them when building
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -241,22 +243,13 @@ def _stages(coder: nn.Module) -> dict[str, list[nn.Module]]:
     return stages
 
 
-@torch.no_grad()
-def _scale_(layer: nn.Module, factor: float, weight: bool = True) -> None:
-    """Scale a layer's output in place (bias only for stream passers)."""
-    if weight:
-        layer.weight.mul_(factor)
-    if layer.bias is not None:
-        layer.bias.mul_(factor)
-
-
 def _apply_gains(coder: nn.Module, gains: Mapping[str, tuple[float, float]]) -> None:
     """Multiply each stage's writers by geometrically growing gains."""
     for stage, writers in _stages(coder).items():
         first, last = gains[stage]
         for i, writer in enumerate(writers):
             t = i / (len(writers) - 1) if len(writers) > 1 else 0.0
-            _scale_(writer, first * (last / first) ** t)
+            scale_layer_(writer, first * (last / first) ** t)
 
 
 @torch.no_grad()
@@ -284,7 +277,7 @@ def build_overflow_vae(size: Size, seed: int = 0) -> AutoencoderKL:
     vae = _seeded(lambda: AutoencoderKL(**_vae_config(size)), "vae", seed, torch.float32)
     _apply_gains(vae.decoder, _DECODER_GAINS)
     _apply_gains(vae.encoder, _ENCODER_GAINS)
-    _scale_(vae.decoder.conv_out, _DECODER_OUT_GAIN)
+    scale_layer_(vae.decoder.conv_out, _DECODER_OUT_GAIN)
     _shape_latents(vae)
     return vae
 
@@ -304,7 +297,7 @@ def build_offstream_overflow_vae(size: Size, seed: int = 0) -> AutoencoderKL:
     """
     vae = build_overflow_vae(size, seed)
     for path, gain in _CONV1_SPIKES.items():
-        _scale_(vae.get_submodule(path).conv1, gain)
+        scale_layer_(vae.get_submodule(path).conv1, gain)
     return vae
 
 
@@ -471,8 +464,8 @@ def build_tiny_unet(seed: int = 0, *, overflow: bool = False) -> Any:
     unet = _seeded(lambda: UNet2DConditionModel(**config), "unet", seed, torch.float32)
     if overflow:
         resnet = unet.get_submodule(UNET_OVERFLOW_BLOCK)
-        _scale_(resnet.conv1, _UNET_OVERFLOW_GAIN)
-        _scale_(resnet.time_emb_proj, _UNET_OVERFLOW_GAIN)
+        scale_layer_(resnet.conv1, _UNET_OVERFLOW_GAIN)
+        scale_layer_(resnet.time_emb_proj, _UNET_OVERFLOW_GAIN)
     return unet
 
 
