@@ -151,6 +151,10 @@ def prepare_build(recipe_path: Path, workspace: Workspace) -> Recipe:
     """Load the recipe and check the artifacts folder before taking the recipe's lock."""
     recipe = load_recipe(recipe_path)
     disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
+    cache = workspace.component_cache
+    if cache.exists() and not cache.is_dir():  # else every export would only warn that it cannot store
+        raise PackageError(f"cannot write {cache}: it is {'a file, ' if cache.is_file() else ''}not a folder",
+                           hint="point --cache or SDXL_CONVERT_CACHE at a folder")
     disk.keep_free_bytes()  # a malformed reserve fails now, not after the fetch
     staging_mod.remove_stale_staging(workspace)
     return recipe

@@ -207,6 +207,17 @@ def test_artifacts_is_a_file_exit_7(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert target.read_text() == "x"
 
 
+def test_component_cache_is_a_file_exit_7(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any work, not a warning per exported component."""
+    cache = tmp_path / "cache-file"
+    cache.write_text("x")
+    path = write_recipe(tmp_path, "cache-to-a-file", f"base: {{{GENERATED_BASE}}}\n")
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path), "--cache", str(cache)]) == 7
+    line = one_error_line(capsys)
+    assert line == f"error: cannot write {cache}: it is a file, not a folder; point --cache or SDXL_CONVERT_CACHE at a folder"
+    assert cache.read_text() == "x" and not (tmp_path / "art" / "cache-to-a-file").exists()
+
+
 def test_artifacts_below_a_file_exit_7(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("x")
     target = tmp_path / "file" / "artifacts"
