@@ -375,3 +375,17 @@ def test_broken_config_of_a_local_source_names_the_real_file(tmp_path: Path, tin
     assert "fix or replace the file in the source folder" in line and "re-download" not in line and ".staging" not in line
     assert not (artifacts_root / "broken-config").exists()
     assert not (artifacts_root / ".staging").exists() or not any((artifacts_root / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("scale", ["-1e30", "17", ".inf"])
+def test_lora_scale_out_of_range_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], scale: str) -> None:
+    from convert.workspace import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "recipes" / "tiny-singlefile-lora.yaml").read_text()
+    assert "scale: 0.8" in text
+    path = tmp_path / "huge-lora.yaml"
+    path.write_text(text.replace("name: tiny-singlefile-lora", "name: huge-lora").replace("scale: 0.8", f"scale: {scale}"))
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path), "--plan"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lora.0.scale" in line and "LoRA scale" in line, line
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
