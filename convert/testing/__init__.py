@@ -37,6 +37,8 @@ _GENERATORS: Mapping[str, tuple[str, str, tuple[str, ...]]] = MappingProxyType({
     "tiny-sdxl-single-file-config": ("convert.testing.single_file", "tiny_sdxl_single_file_config",
                                      ("single_file.py", "sdxl.py")),
     "tiny-sdxl-lora": ("convert.testing.single_file", "tiny_sdxl_lora", ("single_file.py", "sdxl.py")),
+    "sdxl-base-shapes-single-file": ("convert.testing.single_file", "sdxl_base_shapes_single_file",
+                                     ("single_file.py", "sdxl.py")),
 })  # fmt: skip
 
 GENERATORS: tuple[str, ...] = tuple(_GENERATORS)

@@ -13,6 +13,7 @@ checked by the round trip test, not trusted.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -22,19 +23,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from convert.testing.sdxl import _atomic_dir, build_tiny_sdxl_pipeline, write_pipeline
+from convert.testing.sdxl import _atomic_dir, build_full_sdxl_pipeline, build_tiny_sdxl_pipeline, write_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
 __all__ = [
     "CHECKPOINT", "LORA_DIFFUSERS", "LORA_KOHYA", "original_sdxl_state_dict", "tiny_sdxl_lora",
-    "tiny_sdxl_single_file", "tiny_sdxl_single_file_config", "write_single_file",
+    "sdxl_base_shapes_single_file", "tiny_sdxl_single_file", "tiny_sdxl_single_file_config", "write_single_file",
+    "write_single_file_streaming",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "tiny-sdxl.safetensors"
+FULL_CHECKPOINT = "sdxl-base-shapes.safetensors"
+FULL_CONFIG = "config"  # subfolder of the full-size single-file output: configs and tokenizers, no weights
 LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA = "tiny-sdxl-lora-kohya.safetensors"
 
@@ -144,6 +148,25 @@ def _open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def original_sdxl_state_dict(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tensor]:
     """The pipeline's weights under the keys of Stability's SDXL checkpoint (sgm `DiffusionEngine`)."""
+    return {k: v.contiguous().clone() for k, v in original_sdxl_views(pipe).items()}
+
+
+def write_single_file(pipe: StableDiffusionXLPipeline, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(original_sdxl_state_dict(pipe), str(partial), metadata={"format": "pt"})
+    partial.replace(path)
+    return path
+
+
+def original_sdxl_views(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tensor]:
+    """The pipeline's weights under the original checkpoint's keys, as views of its own tensors (no copy).
+
+    Only the OpenCLIP q/k/v concatenations and the transposed projection are new tensors, so at
+    full size this costs a few hundred MB over the pipeline instead of a second 6.5 GiB.
+    """
     unet = pipe.unet
     up_attention = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
     prefixes = _unet_prefixes(len(unet.down_blocks), int(unet.config.layers_per_block))
@@ -157,17 +180,67 @@ def original_sdxl_state_dict(pipe: StableDiffusionXLPipeline) -> dict[str, torch
             out[f"conditioner.embedders.0.transformer.{key}"] = value
     for key, value in _open_clip(pipe.text_encoder_2.state_dict()).items():
         out[f"conditioner.embedders.1.model.{key}"] = value
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+    return {k: v.detach() for k, v in out.items()}
 
 
-def write_single_file(pipe: StableDiffusionXLPipeline, path: Path) -> Path:
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 
+
+def write_single_file_streaming(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Write a .safetensors file one tensor at a time (atomically), never holding a serialized copy.
+
+    `safetensors.torch.save_file` turns every tensor into bytes before writing: at full size that
+    is a second copy of the 6.5 GiB model. The format is a length-prefixed JSON header and the
+    tensors' bytes back to back; the header is padded with spaces to 8 bytes as safetensors does.
+    """
+    names = sorted(tensors)
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    save_file(original_sdxl_state_dict(pipe), str(partial), metadata={"format": "pt"})
+    with partial.open("wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name in names:
+            f.write(tensors[name].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
     partial.replace(path)
     return path
+
+
+def write_configs(pipe: StableDiffusionXLPipeline, out_dir: Path) -> Path:
+    """The pipeline's configs and tokenizers as a diffusers folder without weights (a config source)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_config(out_dir)
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if hasattr(component, "save_config"):  # diffusers models and the scheduler
+            component.save_config(out_dir / name)
+        elif hasattr(component, "config") and hasattr(component.config, "save_pretrained"):  # transformers models
+            component.config.save_pretrained(out_dir / name)
+        else:  # tokenizers
+            component.save_pretrained(out_dir / name)
+    return out_dir
+
+
+def sdxl_base_shapes_single_file(out_dir: Path, seed: int) -> Path:
+    """`sdxl-base-shapes` (same seeded fp16 weights) as ONE original-layout file, plus its config folder.
+
+    For the benchmark of a full-size single-file convert. Written tensor by tensor: the peak is
+    the fp16 pipeline (~7 GiB) plus the largest tensor, not twice the model.
+    """
+    pipe = build_full_sdxl_pipeline(seed, torch.float16)
+    with _atomic_dir(out_dir) as tmp:
+        write_single_file_streaming(original_sdxl_views(pipe), tmp / FULL_CHECKPOINT)
+        write_configs(pipe, tmp / FULL_CONFIG)
+    return out_dir
 
 
 def tiny_sdxl_single_file(out_dir: Path, seed: int) -> Path:
