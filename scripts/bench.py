@@ -26,24 +26,20 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "artifacts" / "bench"
-SOURCE = BENCH / "sdxl-base-shapes-seed0"
-RESULTS = BENCH / "results.json"
-REPORT = ROOT / "BENCHMARKS.md"
-PYTHON = sys.executable
-BIN = Path(sys.executable).parent
-GIB = 1024**3
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core / bench_extra beside this file
+
+import bench_extra  # noqa: E402
+from bench_core import (  # noqa: E402
+    BIN, FULL, GIB, LAYOUTS, PYTHON, Layout, bundle_sizes, convert_ours, folder_bytes, measure, output_of, parse_time_file, stamped,
+)
+
 SCALING_FACTOR = 0.13025
 
 CONVERTS: dict[str, dict[str, Any]] = {
@@ -55,162 +51,67 @@ CONVERTS: dict[str, dict[str, Any]] = {
 PAIRS = (("ours-fp16", "optimum-fp16"), ("ours-int8", "optimum-int8"))
 
 
-# ----------------------------------------------------------------------------- measuring processes
-
-
-@dataclass(frozen=True)
-class Measured:
-    """One process run: wall time, peak RSS of its largest process, peak RSS of its whole tree."""
-
-    command: str
-    returncode: int
-    wall_s: float
-    max_rss_gib: float  # /usr/bin/time -v "Maximum resident set size"
-    tree_pss_gib: float  # sampled sum of PSS over the process tree (0.25 s; may miss short spikes)
-    tree_anon_gib: float  # same, anonymous memory only (not file-backed)
-    log: str
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _tree_memory(pid: int) -> tuple[int, int]:
-    """(PSS, anonymous PSS) summed over the process tree, in bytes.
-
-    PSS counts a page shared by n processes as 1/n (forked children are not double-counted).
-    Anonymous memory is what the kernel cannot give back without swap; the rest of RSS is
-    mapped files (mmapped weights), clean pages it can drop and re-read.
-    """
-    pss = anon = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss_Anon:"):
-                    anon += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-        todo += _children(p)
-    return pss, anon
-
-
-def measure(command: list[str], log: Path, env: dict[str, str] | None = None) -> Measured:
-    """Run `command` under /usr/bin/time -v, sampling the RSS of its process tree."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    timing = log.with_suffix(".time.txt")
-    peak = [0, 0]
-    with log.open("w") as out:
-        proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(timing), *command], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.25):
-                pss, anon = _tree_memory(proc.pid)
-                peak[0], peak[1] = max(peak[0], pss), max(peak[1], anon)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        proc.wait()
-        done.set()
-        sampler.join()
-    text = timing.read_text()
-    wall = _parse_wall(re.search(r"Elapsed \(wall clock\) time.*: (.+)", text).group(1))  # type: ignore[union-attr]
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024  # type: ignore[union-attr]
-    return Measured(" ".join(command), proc.returncode, wall, rss / GIB, peak[0] / GIB, peak[1] / GIB, str(log))
-
-
-def _parse_wall(value: str) -> float:
-    parts = [float(p) for p in value.strip().split(":")]
-    return sum(p * 60**i for i, p in enumerate(reversed(parts)))
-
-
-def folder_bytes(folder: Path, suffixes: tuple[str, ...] = ()) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and (not suffixes or p.suffix in suffixes))
-
-
 # ----------------------------------------------------------------------------- steps
 
 
-def step_source(results: dict[str, Any]) -> None:
-    """Generate the full-size source once (the generator's peak RSS is a result of its own)."""
-    if SOURCE.is_dir():
-        print(f"source: reusing {SOURCE}")
-        if "source" not in results and (BENCH / "generate.time.txt").is_file():
-            text = (BENCH / "generate.time.txt").read_text()
-            wall = _parse_wall(re.search(r"Elapsed \(wall clock\) time.*: (.+)", text).group(1))  # type: ignore[union-attr]
-            rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024  # type: ignore[union-attr]
-            results["source"] = {"wall_s": wall, "max_rss_gib": rss / GIB, "bytes": folder_bytes(SOURCE)}
+def step_source(results: dict[str, Any], lay: Layout) -> None:
+    """Generate the input once (the generator's peak RSS is a result of its own)."""
+    if lay.source.is_dir():
+        print(f"source: reusing {lay.source}")
+        timing = lay.bench / "generate.time.txt"
+        if "source" not in results and timing.is_file():
+            wall, rss = parse_time_file(timing)
+            results["source"] = stamped({"wall_s": wall, "max_rss_gib": rss, "bytes": folder_bytes(lay.source)})
         return
-    code = ("import logging; logging.basicConfig(level=logging.INFO)\nfrom pathlib import Path\n"
-            "from convert.testing import generate\n"
-            f"generate('sdxl-base-shapes', Path({str(SOURCE)!r}), 0)")
-    m = measure([PYTHON, "-c", code], BENCH / "generate.log")
+    if lay.input == "full":
+        make = f"from convert.testing import generate\ngenerate('sdxl-base-shapes', Path({str(lay.source)!r}), 0)"
+    else:  # the tiny pipeline with fp16 variant files, like the full-size input
+        make = ("from convert.testing.sdxl import build_tiny_sdxl_pipeline, write_pipeline\n"
+                f"write_pipeline(build_tiny_sdxl_pipeline(0), Path({str(lay.source)!r}), variant='fp16')")
+    code = f"import logging; logging.basicConfig(level=logging.INFO)\nfrom pathlib import Path\n{make}"
+    m = measure([PYTHON, "-c", code], lay.bench / "generate.log")
     if m.returncode:
         raise SystemExit(f"generating the source failed; see {m.log}")
-    results["source"] = {"wall_s": m.wall_s, "max_rss_gib": m.max_rss_gib, "bytes": folder_bytes(SOURCE)}
+    results["source"] = stamped({"wall_s": m.wall_s, "max_rss_gib": m.max_rss_gib, "bytes": folder_bytes(lay.source)})
 
 
-def output_of(run: str) -> Path:
-    if CONVERTS[run]["tool"] == "ours":
-        found = sorted((BENCH / "out" / run).glob(f"{CONVERTS[run]['recipe']}/*/model_index.json"))
-        return found[-1].parent if found else BENCH / "out" / run / "missing"
-    return BENCH / "out" / run
-
-
-def step_convert(run: str, results: dict[str, Any]) -> None:
+def step_convert(run: str, results: dict[str, Any], lay: Layout) -> None:
     spec = CONVERTS[run]
-    out = BENCH / "out" / run
-    shutil.rmtree(out, ignore_errors=True)
+    out = lay.bench / "out" / run
+    log = lay.logs / f"convert-{run}.log"
     if spec["tool"] == "ours":
-        command = [str(BIN / "sdxl-convert"), "--artifacts", str(out), "convert", spec["recipe"], "--force"]
+        found = convert_ours(spec["recipe"], out, log, lay)
     else:
-        command = [str(BIN / "optimum-cli"), "export", "openvino", "--model", str(SOURCE), "--task", "text-to-image",
+        shutil.rmtree(out, ignore_errors=True)
+        command = [str(BIN / "optimum-cli"), "export", "openvino", "--model", str(lay.source), "--task", "text-to-image",
                    "--variant", "fp16", *spec["args"], str(out)]
-    print(f"convert: {run}: {' '.join(command)}", flush=True)
-    m = measure(command, BENCH / "logs" / f"convert-{run}.log", {"HF_HUB_OFFLINE": "1"})
-    bundle = output_of(run)
-    results.setdefault("convert", {})[run] = {
-        **asdict(m), "weights": spec["weights"], "tool": spec["tool"], "bundle": str(bundle),
-        "bundle_bytes": folder_bytes(bundle) if bundle.is_dir() else 0,
-        "ir_bytes": folder_bytes(bundle, (".bin", ".xml")) if bundle.is_dir() else 0,
-    }
-    print(f"convert: {run}: rc {m.returncode}, {m.wall_s:.0f} s, peak {m.max_rss_gib:.2f} GiB "
-          f"(tree PSS {m.tree_pss_gib:.2f} GiB, anonymous {m.tree_anon_gib:.2f} GiB)", flush=True)
+        print(f"convert: {run}: {' '.join(command)}", flush=True)
+        found = {**asdict(measure(command, log, {"HF_HUB_OFFLINE": "1"})), **bundle_sizes(output_of(out, None))}
+    results.setdefault("convert", {})[run] = stamped({**found, "weights": spec["weights"], "tool": spec["tool"]})
+    m = results["convert"][run]
+    print(f"convert: {run}: rc {m['returncode']}, {m['wall_s']:.0f} s, peak {m['max_rss_gib']:.2f} GiB "
+          f"(tree PSS {m['tree_pss_gib']:.2f} GiB, anonymous {m['tree_anon_gib']:.2f} GiB)", flush=True)
 
 
-def step_speed(kind: str, run: str, results: dict[str, Any]) -> None:
+def step_speed(kind: str, run: str, results: dict[str, Any], lay: Layout) -> None:
     """One speed measurement in its own process (`_speed` below), so its peak RSS is its own."""
     bundle = Path(results["convert"][run]["bundle"])
-    out = BENCH / "logs" / f"speed-{kind}-{run}.json"
+    out = lay.logs / f"speed-{kind}-{run}.json"
     command = [PYTHON, str(Path(__file__).resolve()), "_speed", kind, str(bundle), str(out)]
     print(f"speed: {kind} on {run}", flush=True)
-    m = measure(command, BENCH / "logs" / f"speed-{kind}-{run}.log")
+    m = measure(command, lay.logs / f"speed-{kind}-{run}.log")
     values = json.loads(out.read_text()) if m.returncode == 0 and out.is_file() else {"error": f"rc {m.returncode}; see {m.log}"}
-    results.setdefault("speed", {})[f"{kind}:{run}"] = {**values, "max_rss_gib": m.max_rss_gib, "wall_s": m.wall_s}
+    results.setdefault("speed", {})[f"{kind}:{run}"] = stamped({**values, "max_rss_gib": m.max_rss_gib, "wall_s": m.wall_s})
     print(f"speed: {kind} on {run}: {values}", flush=True)
 
 
-def step_parity(results: dict[str, Any]) -> None:
+def step_parity(results: dict[str, Any], lay: Layout) -> None:
     """Our submodels against optimum-cli's, same inputs, in a separate process."""
-    out = BENCH / "logs" / "parity.json"
+    out = lay.logs / "parity.json"
     command = [PYTHON, str(Path(__file__).resolve()), "_parity", json.dumps({k: v["bundle"] for k, v in results["convert"].items()}), str(out)]
-    m = measure(command, BENCH / "logs" / "parity.log")
+    m = measure(command, lay.logs / "parity.log")
     results["parity"] = json.loads(out.read_text()) if m.returncode == 0 else {"error": f"rc {m.returncode}; see {m.log}"}
-    results["parity_run"] = {"wall_s": m.wall_s, "max_rss_gib": m.max_rss_gib}
+    results["parity_run"] = stamped({"wall_s": m.wall_s, "max_rss_gib": m.max_rss_gib})
 
 
 # ----------------------------------------------------------------------------- in-process workers
@@ -299,10 +200,27 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
     return f"{value:.{digits}f}{unit}" if isinstance(value, (int, float)) else "-"
 
 
-def render(results: dict[str, Any]) -> str:
+def measured_note(rows: dict[str, dict[str, Any]], latest: str | None) -> list[str]:
+    """A footnote naming the rows measured before the latest run (or transcribed), one line per date."""
+    dates: dict[str, list[str]] = {}
+    for label, row in rows.items():
+        if isinstance(row, dict) and row.get("measured_at"):
+            when = row["measured_at"] + (f" ({row['transcribed']})" if row.get("transcribed") else "")
+            dates.setdefault(when, []).append(label)
+    if not dates or (len(dates) == 1 and latest is not None and next(iter(dates)).startswith(latest)):
+        return []
+    return ["", "Measured: " + "; ".join(f"{', '.join(labels)} at {when}" for when, labels in sorted(dates.items())) + " (UTC)."]
+
+
+def render(results: dict[str, Any], lay: Layout = FULL) -> str:
     m = results.get("machine") or machine()
-    lines = ["# Benchmarks: full-size SDXL conversion and bundle speed", "",
-             f"Generated by `just bench` (scripts/bench.py) on {results.get('date', '?')}. One run; no retries.", "",
+    latest = results.get("date")
+    title = "# Benchmarks: full-size SDXL conversion and bundle speed"
+    if lay.input == "tiny":
+        title = "# SMOKE RUN on the tiny pipeline (not benchmark numbers): " + title.removeprefix("# Benchmarks: ")
+    lines = [title, "",
+             f"Generated by `just bench` (scripts/bench.py); last results stored {latest or '?'} UTC, earlier rows say when "
+             "they were measured (BENCHMARKS.json keeps every result with its `measured_at`). One run per row; no retries.", "",
              f"- Machine: {m['cpu']}, {m['ram']} RAM, no GPU; shared with other engineers (times are upper bounds, ±2x between runs on these VMs).",
              f"- Python {m['python']}; {m['versions']}.",
              "- Input: `sdxl-base-shapes` (seed 0): the SDXL base architecture (UNet 2.567 B parameters) with seeded random "
@@ -337,6 +255,7 @@ def render(results: dict[str, Any]) -> str:
             continue
         lines.append(f"| {run} | {r['weights']} | {r['returncode']} | {r['wall_s']:.0f} s | {r['max_rss_gib']:.2f} GiB | "
                      f"{r['tree_pss_gib']:.2f} GiB | {r['tree_anon_gib']:.2f} GiB | {r['ir_bytes'] / GIB:.2f} GiB | {r['bundle_bytes'] / GIB:.2f} GiB |")
+    lines += measured_note({run: conv[run] for run in CONVERTS if run in conv}, latest)
     lines += ["", "| ours / optimum-cli | wall | peak RSS | tree PSS peak | anonymous peak | target |", "|---|---|---|---|---|---|"]
     for ours, theirs in PAIRS:
         a, b = conv.get(ours), conv.get(theirs)
@@ -359,6 +278,7 @@ def render(results: dict[str, Any]) -> str:
             nf = f"{s['non_finite']}/{s['values']}" if "non_finite" in s else "-"
             lines.append(f"| {run} | {label} | {_fmt(s.get('compile_s'), ' s')} | {_fmt(s.get(field), ' s')} | "
                          f"{_fmt(s.get('max_rss_gib'), ' GiB', 2)} | {nf} |" + (f" {s['error']}" if "error" in s else ""))
+    lines += measured_note(speed, latest)
     lines += ["", "| ours / optimum-cli | ratio | target |", "|---|---|---|"]
     for key, field, runs in (("unet", "step_s", ("ours-int8", "optimum-int8")), ("vae-f32", "decode_s", ("ours-fp16", "optimum-fp16")),
                              ("vae-f16", "decode_s", ("ours-fp16", "optimum-fp16"))):
@@ -387,12 +307,30 @@ def render(results: dict[str, Any]) -> str:
                       "types and the weights file size are otherwise identical."]
     elif parity:
         lines.append(f"| parity failed: {parity.get('error')} | | | | | |")
+    if parity:
+        lines += measured_note({"parity": results.get("parity_run", {})}, latest)
+    lines += bench_extra.render_gate(results.get("gate", {}), latest, measured_note)
+    lines += bench_extra.render_single_file(results.get("single_file", {}), results.get("convert", {}), latest, measured_note)
+    lines += bench_extra.render_rebuild(results.get("rebuild", {}), latest, measured_note)
+    for note in results.get("notes", {}).values():
+        lines += ["", f"## {note['title']}", "", *note["markdown"].splitlines()]
+        lines += measured_note({"this section": note}, latest)
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- CLI
 
-STEPS = ("source", "convert", "speed", "parity")
+STEPS = ("source", "convert", "speed", "parity", "gate", "single-file", "rebuild")
+STEPS_HELP = (
+    "comma-separated subset of the steps, in this order; full-size cost on the 2-core VM: "
+    "source (generate the 6.5 GiB input once: ~2 min, 7 GiB), "
+    "convert (per run: ours ~1.5-2.5 min / 5-7 GiB, optimum-cli ~4-5 min / 23 GiB), "
+    "speed (6 processes, ~4 min, up to 8 GiB), parity (~2 min), "
+    "gate (f32 capture + 10 processes, ~10 min, up to ~12 GiB; needs ours-fp16 and ours-int8), "
+    "single-file (generate the single file ~3 min / ~7.5 GiB, convert it ~4-6 min; needs ours-fp16), "
+    "rebuild (local Hub: upload 6.5 GiB, first rebuild ~6-8 min, no-op, VAE-only rebuild ~3 min; "
+    "up to ~36 GiB of disk, freed at the end)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,37 +341,59 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_parity":
         _parity(json.loads(argv[1]), Path(argv[2]))
         return 0
+    if argv and argv[0] in bench_extra.WORKERS:
+        bench_extra.WORKERS[argv[0]](*argv[1:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    parser.add_argument("--runs", default=",".join(CONVERTS), help="convert runs to (re)do")
-    parser.add_argument("--fresh", action="store_true", help="forget cached results")
+    parser.add_argument("--steps", default=",".join(STEPS[:4]), help=STEPS_HELP + f" (default: {','.join(STEPS[:4])})")
+    parser.add_argument("--runs", default=",".join(CONVERTS), help="convert runs to (re)do: " + ", ".join(CONVERTS))
+    parser.add_argument("--input", choices=sorted(LAYOUTS), default="full",
+                        help="full: the benchmark (writes BENCHMARKS.json/.md); tiny: smoke run of every step on the "
+                             "tiny pipeline into artifacts/bench-tiny/ (never touches BENCHMARKS.*)")
+    parser.add_argument("--render-only", action="store_true", help="re-render the report from the stored results; run nothing")
+    parser.add_argument("--fresh", action="store_true", help="forget stored results (of this --input)")
     args = parser.parse_args(argv)
+    lay = LAYOUTS[args.input]
     steps, runs = args.steps.split(","), args.runs.split(",")
-    results: dict[str, Any] = {} if args.fresh or not RESULTS.is_file() else json.loads(RESULTS.read_text())
+    unknown = sorted(set(steps) - set(STEPS)) + sorted(set(runs) - set(CONVERTS))
+    if unknown:
+        parser.error(f"unknown step or run: {', '.join(unknown)}")
+    results: dict[str, Any] = {} if args.fresh or not lay.results.is_file() else json.loads(lay.results.read_text())
+    if args.render_only:
+        lay.report.write_text(render(results, lay))
+        print(f"rendered {lay.report} from {lay.results}")
+        return 0
 
     def save() -> None:
-        results["machine"], results["date"] = machine(), time.strftime("%Y-%m-%d %H:%M")
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
-        REPORT.write_text(render(results))
+        results["machine"], results["date"] = machine(), time.strftime("%Y-%m-%dT%H:%M", time.gmtime())
+        lay.results.parent.mkdir(parents=True, exist_ok=True)
+        lay.results.write_text(json.dumps(results, indent=1) + "\n")
+        lay.report.write_text(render(results, lay))
 
+    lay.bench.mkdir(parents=True, exist_ok=True)
     if "source" in steps:
-        step_source(results)
+        step_source(results, lay)
         save()
     if "convert" in steps:
         for run in runs:
-            step_convert(run, results)
+            step_convert(run, results, lay)
             save()
     if "speed" in steps:
         for kind, run in (("unet", "ours-int8"), ("unet", "optimum-int8"), ("vae-f32", "ours-fp16"),
                           ("vae-f32", "optimum-fp16"), ("vae-f16", "ours-fp16"), ("vae-f16", "optimum-fp16")):
             if run in runs and run in results.get("convert", {}):
-                step_speed(kind, run, results)
+                step_speed(kind, run, results, lay)
                 save()
     if "parity" in steps and all(r in results.get("convert", {}) for r in CONVERTS):
-        step_parity(results)
+        step_parity(results, lay)
         save()
-    print(REPORT.read_text())
+    if "gate" in steps:
+        bench_extra.step_gate(results, lay, save)
+    if "single-file" in steps:
+        bench_extra.step_single_file(results, lay, save)
+    if "rebuild" in steps:
+        bench_extra.step_rebuild(results, lay, save)
+    print(lay.report.read_text())
     return 0
 
 
