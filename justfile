@@ -58,7 +58,8 @@ test *args: setup
 schema: setup
     "{{bin}}/sdxl-convert" schema
 
-# full-size benchmarks (~1 h, up to ~16 GiB RAM): our convert vs optimum-cli, bundle speed; writes BENCHMARKS.md
+# full-size benchmarks into BENCHMARKS.json/.md (--steps: see --help; all steps ~1.5 h, up to ~23 GiB RAM (optimum-cli),
+# ours only ~40 min / ~14 GiB); --input tiny: smoke run of every step (~15 min), --render-only: re-render
 bench *args: setup
     "{{bin}}/python" scripts/bench.py {{args}}
 

@@ -1,23 +1,33 @@
-"""Full-size SDXL benchmarks: our convert against optimum-cli, and the bundles' speed (issue 5).
+"""Full-size SDXL benchmarks: our convert against optimum-cli, bundle speed, the gate, single files, rebuilds.
 
-One run does, on the same generated input folder (sdxl-base-shapes, fp16 files, built
-once into artifacts/bench/ and reused):
+On the same generated input folder (sdxl-base-shapes, fp16 files, built once into
+artifacts/bench/ and reused), the steps (`--steps`, in this order) are:
 
-1. convert runs, each its own process under `/usr/bin/time -v` (wall time, peak RSS of the
+1. source: generate that input (its peak RSS is a result of its own);
+2. convert: each run its own process under `/usr/bin/time -v` (wall time, peak RSS of the
    largest process) while a sampler adds up the PSS of the whole process tree every 0.25 s
-   (the honest number if a tool spawns helpers; PSS so forked children are not double-counted): ours and optimum-cli at all-fp16, ours
-   (int8 UNet + fp16 rest) and optimum-cli `--weight-format int8` (int8 everywhere: the CLI
-   has no per-submodel option);
-2. speed, each its own process: the UNet step of both int8 bundles at a 128x128 latent, the
+   (the honest number if a tool spawns helpers; PSS so forked children are not double-counted):
+   ours and optimum-cli at all-fp16, ours (int8 UNet + fp16 rest) and optimum-cli
+   `--weight-format int8` (int8 everywhere: the CLI has no per-submodel option);
+3. speed, each its own process: the UNet step of both int8 bundles at a 128x128 latent, the
    VAE decode of both fp16 bundles at 1024x1024 at f32 and at emulated f16
    (validate/precision.py), which is also issue 3's line (the VAE is overflow-prone);
-3. parity: our submodels against optimum-cli's on the same inputs;
+4. parity: our submodels against optimum-cli's on the same inputs;
+5. gate (issue 11): the gate's cost per submodel, f32 vs emulated f16, on inputs captured by
+   the gate's own pipeline run (scripts/bench_extra.py);
+6. single-file (issue 10): the same weights as one original-layout file, converted, against
+   the diffusers-layout ours-fp16 convert (time, memory, byte-identical IR or output diff);
+7. rebuild (issue 12): first, no-op and VAE-only `rebuild` against tests/hub_server.py.
 
-then writes BENCHMARKS.md. Measurements are never retried or trimmed: a failed run is
-reported as failed. Results are cached per step in artifacts/bench/results.json;
-`--fresh` starts over, `--steps` runs a subset (the report always uses every result).
-Only one heavy process runs at a time: this machine is shared.
+Results merge into BENCHMARKS.json (committed; each result carries `measured_at`, UTC), so a
+partial run (`--steps`, `--runs`) keeps earlier results and the report says which rows are
+older; BENCHMARKS.md is rendered from it (`--render-only` re-renders without running
+anything). Measurements are never retried or trimmed: a failed run is reported as failed.
+`--input tiny` runs the same steps on the tiny pipeline into artifacts/bench-tiny/ (a smoke
+test of the script, minutes; never touches BENCHMARKS.*). Only one heavy process runs at a
+time: this machine is shared.
 """
+
 
 from __future__ import annotations
 
