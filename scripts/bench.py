@@ -211,15 +211,15 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
 
 
 def measured_note(rows: dict[str, dict[str, Any]], latest: str | None) -> list[str]:
-    """A footnote naming the rows measured before the latest run (or transcribed), one line per date."""
-    dates: dict[str, list[str]] = {}
+    """A footnote naming when the rows of a table were measured, if not all on the latest run's day (UTC)."""
+    days: dict[str, list[str]] = {}
     for label, row in rows.items():
         if isinstance(row, dict) and row.get("measured_at"):
-            when = row["measured_at"] + (f" ({row['transcribed']})" if row.get("transcribed") else "")
-            dates.setdefault(when, []).append(label)
-    if not dates or (len(dates) == 1 and latest is not None and next(iter(dates)).startswith(latest)):
+            when = row["measured_at"][:10] + (f" ({row['transcribed']})" if row.get("transcribed") else "")
+            days.setdefault(when, []).append(label)
+    if not days or (len(days) == 1 and latest is not None and next(iter(days)) == latest[:10]):
         return []
-    return ["", "Measured: " + "; ".join(f"{', '.join(labels)} at {when}" for when, labels in sorted(dates.items())) + " (UTC)."]
+    return ["", "Measured (UTC): " + "; ".join(f"{', '.join(labels)} on {when}" for when, labels in sorted(days.items())) + "."]
 
 
 def render(results: dict[str, Any], lay: Layout = FULL) -> str:

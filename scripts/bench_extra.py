@@ -168,15 +168,21 @@ def _gate(part: str, precision: str, bundle: str, calls_dir: str, out: str) -> N
         "values": total, "min_cosine": None if math.isnan(worst) else round(worst, 8)}))
 
 
+def _secs(value: float) -> str:
+    return f"{value:.1f} s" if value >= 10 else f"{value:.2f} s" if value >= 0.1 else f"{value * 1000:.0f} ms"
+
+
 def render_gate(gate: dict[str, Any], latest: str | None, note: Note) -> list[str]:
     if not gate:
         return []
     capture = gate.get("capture", {})
+    side = int(capture.get("side", 1024))
     lines = ["", "## Issue 11: the gate's cost per submodel (f32 vs emulated f16)", "",
              "Inputs captured once by the gate's own machinery (validate/pipeline_run.py: the int8 bundle's pipeline at f32, "
              "its tokenizers and scheduler, one denoising step of the first default prompt: one UNet call with the "
-             "classifier-free-guidance batch of 2 at a 128x128 latent, one 1024x1024 decode; the other prompt through the "
-             "text encoders; the vae_encoder on scikit-image's astronaut at 1024x1024)"
+             "classifier-free-guidance batch of 2 at a "
+             f"{side // 8}x{side // 8} latent, one {side}x{side} decode; the other prompt through the "
+             f"text encoders; the vae_encoder on scikit-image's astronaut at {side}x{side})"
              + (f": {capture.get('wall_s', 0):.0f} s, peak RSS {capture.get('max_rss_gib', 0):.2f} GiB" if "error" not in capture
                 else f": FAILED ({capture['error']})") + ". "
              "Then each submodel at each precision in its own process: `plan_execution` + `emulate` + `compile_for` "
@@ -192,14 +198,14 @@ def render_gate(gate: dict[str, Any], latest: str | None, note: Note) -> list[st
         a, b = a or {}, b or {}
 
         def pair(r: dict[str, Any]) -> str:
-            return f"{r['compile_s']:.1f} s / {r['run_s']:.1f} s" if "run_s" in r else (r.get("error") or "-")
+            return f"{_secs(r['compile_s'])} / {_secs(r['run_s'])}" if "run_s" in r else (r.get("error") or "-")
 
         ratio = b["run_s"] / a["run_s"] if "run_s" in a and "run_s" in b and a["run_s"] else None
         verdict = "-" if ratio is None else ("yes" if ratio <= GATE_TARGET else "NO")
         nf = f"{b['non_finite']}/{b['values']}" if "values" in b else "-"
         lines.append(f"| {part} ({GATE_PARTS[part].removeprefix('ours-')}) | {pair(a)} | {pair(b)} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} | "
-                     f"{a.get('max_rss_gib', 0):.2f} / {b.get('max_rss_gib', 0):.2f} GiB | {nf} | {b.get('min_cosine', '-')} |")
+                     f"{a.get('max_rss_gib', 0):.2f} / {b.get('max_rss_gib', 0):.2f} GiB | {nf} | {'n/a' if b.get('min_cosine', '-') is None else b.get('min_cosine', '-')} |")
     return lines + note({k: v for k, v in gate.items()}, latest)
 
 
