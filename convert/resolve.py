@@ -197,7 +197,7 @@ def _resolve_file(role: str, source: Source, folder: Path) -> ResolvedSource:
 
 def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> None:
     """Look for the diffusers marker before hashing: `path: /` or `~` would otherwise read every file below."""
-    marker = "model_index.json" if role == "base" else "config.json"
+    marker = "model_index.json" if role in ("base", "base.config") else "config.json"  # a config source is a pipeline
     root = folder / subfolder if subfolder else folder
     if not (root / marker).is_file():
         raise FetchError(

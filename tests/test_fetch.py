@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from convert.errors import FetchError
@@ -134,3 +136,22 @@ def test_sd3_repo_without_t5_fetches_without_it() -> None:
     assert not any(p.startswith("text_encoder_3/") for p in chosen)
     with pytest.raises(FetchError, match="no .safetensors weights in transformer/"):
         select([p for p in SD3_REPO if not p.startswith("transformer/d")], folders=list(SD3.folders), family=SD3)
+
+
+def test_a_local_config_source_is_a_pipeline_folder_without_weights(tmp_path: Path) -> None:
+    """`base.config` is a pipeline (model_index.json), not a component (config.json): the bench's single file uses one."""
+    from convert.recipe import LocalSource, Source
+    from convert.resolve import resolve_source
+    from convert.workspace import Workspace
+
+    config = tmp_path / "config"
+    (config / "unet").mkdir(parents=True)
+    (config / "unet" / "config.json").write_text("{}")
+    workspace = Workspace(artifacts=tmp_path / "artifacts", hf_cache=tmp_path / "hf-cache")
+    source = Source(local=LocalSource(path=Path("config")))
+    with pytest.raises(FetchError) as error:
+        resolve_source("base.config", source, workspace, tmp_path)
+    assert str(error.value).startswith(f"base.config: no model_index.json in {config}; a local source is a folder in diffusers layout")
+    (config / "model_index.json").write_text("{}")
+    resolved = resolve_source("base.config", source, workspace, tmp_path)
+    assert resolved.local_path == config and {f.path for f in resolved.files} == {"model_index.json", "unet/config.json"}
