@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -296,8 +297,8 @@ def render_single_file(entry: dict[str, Any], conv: dict[str, Any], latest: str 
              "with a config folder beside it (configs and tokenizers, no weights). Recipe "
              f"`recipes/{SINGLE_FILE_RECIPE}.yaml` (all fp16, the bench's reduced gate) against `ours-fp16` above."]
     if gen:
-        lines.append(f"Generating it: {gen['wall_s']:.0f} s, peak RSS {gen['max_rss_gib']:.2f} GiB, "
-                     f"{gen.get('bytes', 0) / GIB:.2f} GiB on disk" + (" (FAILED)" if gen.get("returncode") else "") + ".")
+        lines += ["", f"Generating it: {gen['wall_s']:.0f} s, peak RSS {gen['max_rss_gib']:.2f} GiB, "
+                     f"{gen.get('bytes', 0) / GIB:.2f} GiB on disk" + (" (FAILED)" if gen.get("returncode") else "") + "."]
     lines += ["", "| convert | exit | wall | peak RSS | tree PSS peak | anonymous peak | bundle size |", "|---|---|---|---|---|---|---|"]
     for label, r in (("single file", sf), ("diffusers layout (ours-fp16)", ref)):
         if r:
@@ -355,6 +356,7 @@ def step_rebuild(results: dict[str, Any], lay: Layout, save: Save) -> None:
         print(f"rebuild: skipped: no source {lay.source} (run --steps source first)")
         return
     sys.path.insert(0, str(ROOT / "tests"))
+    os.environ |= {"HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}  # before the import
     from hub_server import HubServer
     from huggingface_hub import HfApi
 
