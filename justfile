@@ -58,8 +58,9 @@ test *args: setup
 schema: setup
     "{{bin}}/sdxl-convert" schema
 
-# full-size benchmarks into BENCHMARKS.json/.md (--steps: see --help; all steps ~1.5 h, up to ~23 GiB RAM (optimum-cli),
-# ours only ~40 min / ~14 GiB); --input tiny: smoke run of every step (~15 min), --render-only: re-render
+# full-size benchmarks into BENCHMARKS.json/.md (--steps: see --help; every step ~1.5 h, up to ~23 GiB RAM (optimum-cli);
+# --steps source,convert,gate,single-file,rebuild --runs ours-fp16,ours-int8 ~45 min, ~14 GiB, ~45 GiB disk);
+# --input tiny: smoke run of the same steps (~6 min), --render-only: re-render BENCHMARKS.md
 bench *args: setup
     "{{bin}}/python" scripts/bench.py {{args}}
 
