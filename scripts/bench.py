@@ -337,7 +337,8 @@ STEPS_HELP = (
     "convert (per run: ours ~1.5-2.5 min / 5-7 GiB, optimum-cli ~4-5 min / 23 GiB), "
     "speed (6 processes, ~4 min, up to 8 GiB), parity (~2 min), "
     "gate (f32 capture + 10 processes, ~10 min, up to ~12 GiB; needs ours-fp16 and ours-int8), "
-    "single-file (generate the single file ~3 min / ~7.5 GiB, convert it ~4-6 min; needs ours-fp16), "
+    "single-file (generate the single file: measured 2.6 min / 7.4 GiB; convert it ~4-6 min, up to ~14 GiB "
+    "(estimate: diffusers loads the whole file); needs ours-fp16; both 6.5 GiB files are deleted after), "
     "rebuild (local Hub: upload 6.5 GiB, first rebuild ~6-8 min, no-op, VAE-only rebuild ~3 min; "
     "up to ~36 GiB of disk, freed at the end)"
 )
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="full: the benchmark (writes BENCHMARKS.json/.md); tiny: smoke run of every step on the "
                              "tiny pipeline into artifacts/bench-tiny/ (never touches BENCHMARKS.*)")
     parser.add_argument("--render-only", action="store_true", help="re-render the report from the stored results; run nothing")
-    parser.add_argument("--fresh", action="store_true", help="forget stored results (of this --input)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="forget stored results of this --input (full: also the transcribed rows, e.g. optimum-cli's)")
     args = parser.parse_args(argv)
     lay = LAYOUTS[args.input]
     steps, runs = args.steps.split(","), args.runs.split(",")
