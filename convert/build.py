@@ -28,6 +28,7 @@ from convert.fetch import FetchedSource, fetch, folder_params
 from convert.families import PipelineFamily
 from convert.recipe import Recipe, load_recipe
 from convert.resolve import Resolution, generated_dir, resolve, resolve_source, source_roles
+from convert.roles import SourceRole
 from convert.single_file import apply_scheduler, materialize, needs_materializing
 from convert.workspace import Workspace
 
@@ -40,7 +41,7 @@ WORK_FOLDERS = (".staging", ".locks", "logs", "sources", "broken")
 
 @dataclass(frozen=True)
 class PlannedSource:
-    role: str
+    role: SourceRole
     source: str
     commit: str | None
     note: str = ""
@@ -70,7 +71,7 @@ class Plan:
             "recipe_path": str(self.recipe_path),
             "build_id": self.build_id,
             "output": str(self.output),
-            "sources": [s.__dict__ for s in self.sources],
+            "sources": [s.__dict__ | {"role": s.role.key} for s in self.sources],
             "components": [c.__dict__ for c in self.components],
             "checks": self.checks,
         }
@@ -259,24 +260,24 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     from validate.checks import run_validation
 
     recipe = resolution.recipe
-    fetched: dict[str, FetchedSource] = {}
+    fetched: dict[SourceRole, FetchedSource] = {}
     with _stage("fetch", timings, workspace, FetchError):  # not redirected: the Hub client's download bars stay visible
         for source in resolution.sources:
             notify(f"fetch: {source.role} ({source.source.describe()})")
-            folder = staging / "sources" / source.role.replace(".", "_")
+            folder = staging / "sources" / source.role.folder_name
             fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache, family=recipe.family)
     if needs_materializing(recipe):
         with _stage("materialize", timings, workspace, PatchError, log):
             notify("patch: reading the single file and fusing LoRAs with diffusers' loaders")
-            fetched["base"], _fused = materialize(recipe, fetched, staging / "sources" / "base_diffusers")
+            fetched[SourceRole.base()], _fused = materialize(recipe, fetched, staging / "sources" / "base_diffusers")
     need = disk.bundle_bytes(weight_params(fetched, recipe.family), exported_weights(recipe))
     disk.check_free_space(workspace.artifacts, need, ExportError)
 
     with _stage("patch", timings, workspace, PatchError, log, need):
         notify("patch: loading the pipeline and substituting components")
-        substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role.startswith("substitutions.")}
+        substitutes = substitutes_of(fetched)
         allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
-        patched = patch(fetched["base"], substitutes, allow, recipe.family)
+        patched = patch(fetched[SourceRole.base()], substitutes, allow, recipe.family)
         rescaled = fp16fix.rescale_stage(patched, recipe, staging / "rescaled_vae", notify)
         apply_scheduler(patched.pipeline, recipe.scheduler)
 
@@ -327,10 +328,15 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     )
 
 
-def weight_params(fetched: dict[str, FetchedSource], family: PipelineFamily) -> dict[str, int]:
+def substitutes_of(fetched: dict[SourceRole, FetchedSource]) -> dict[str, FetchedSource]:
+    """component -> the fetched source that replaces it."""
+    return {role.component: f for role, f in fetched.items() if role.component is not None}
+
+
+def weight_params(fetched: dict[SourceRole, FetchedSource], family: PipelineFamily) -> dict[str, int]:
     """Parameters per pipeline folder (text_encoder, unet, vae, ...), substitutes in place, from headers."""
-    folders = {c: fetched["base"].path / c for c in family.loaders}
-    folders |= {role.split(".", 1)[1]: f.path for role, f in fetched.items() if role.startswith("substitutions.")}
+    folders = {c: fetched[SourceRole.base()].path / c for c in family.loaders}
+    folders |= {c: f.path for c, f in substitutes_of(fetched).items()}
     return {c: folder_params(folder) for c, folder in folders.items()}
 
 

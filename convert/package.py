@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from convert.errors import PackageError
 from convert.recipe import Recipe
 from convert.resolve import Resolution, file_sha256
+from convert.roles import SourceRole
 
 MANIFEST = "manifest.json"
 BUILD_INFO = "build.json"
@@ -174,8 +175,8 @@ def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str,
         meta["base_model_relation"] = "quantized"
     meta["license"] = recipe.base.license or "other"
     meta["tags"] = sorted({"openvino", *recipe.family.tags, recipe.family.task, *(recipe.publish.tags if recipe.publish else [])})
-    meta["upstream"] = {s.role: s.commit for s in resolution.sources}
-    meta["upstream_sources"] = {s.role: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
+    meta["upstream"] = {s.role.key: s.commit for s in resolution.sources}
+    meta["upstream_sources"] = {s.role.key: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
     meta["build_id"] = resolution.build_id
     meta["validation"] = headline
@@ -218,15 +219,15 @@ def _community_lines(resolution: Resolution) -> list[str]:
     recipe, lines = resolution.recipe, []
     entries = {s.role: resolution.entry(s) for s in resolution.sources}
     if recipe.base.file is not None:
-        base = entries["base"]
+        base, config = entries[SourceRole.base()], entries[SourceRole.config()]
         where = f"{base['repo']}@{base['commit']}" if "repo" in base else recipe.base.describe()
         lines.append(f"**Single-file checkpoint:** `{base['file']}` from `{where}` (sha256 `{base['sha256']}`); "
-                     f"configs and tokenizers from `{entries['base.config']['source']}` at `{entries['base.config']['commit']}`.")
+                     f"configs and tokenizers from `{config['source']}` at `{config['commit']}`.")
         if "vae" in recipe.substitutions:
             lines.append(f"**Baked VAE replaced** by `{recipe.substitutions['vae'].source.describe()}`.")
         lines.append("")
     for i, lora in enumerate(recipe.lora):
-        entry = entries[f"lora.{i}"]
+        entry = entries[SourceRole.lora(i)]
         lines += [f"**LoRA fused:** `{entry['file']}` from `{entry['source']}` (sha256 `{entry['sha256']}`) at scale "
                   f"{lora.scale} into {', '.join(lora.targets)}.", ""]
     if recipe.scheduler is not None:

@@ -18,6 +18,7 @@ from convert.fetch import FetchedSource
 from convert.package import MANIFEST, verify
 from convert.patch import patch
 from convert.recipe import Recipe, load_recipe
+from convert.roles import SourceRole
 from convert.testing.parity import submodel_parity
 from convert.workspace import PROJECT_ROOT, Workspace
 
@@ -120,7 +121,7 @@ def parity_bundles(artifacts_root: Path, tmp_path_factory: pytest.TempPathFactor
                                     "base": {"local": {"path": str(base)}},
                                     "target": {"device": "CPU", "inference_precision": ["f32"]}})
     ours = tmp_path_factory.mktemp("sd3-ours")
-    export_pipeline(patch(FetchedSource("base", base, "local", ()), {}, {"base": False}, recipe.family), recipe, ours, "parity")
+    export_pipeline(patch(FetchedSource(SourceRole.base(), base, "local", ()), {}, {"base": False}, recipe.family), recipe, ours, "parity")
     reference = tmp_path_factory.mktemp("sd3-optimum")
     pipeline = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=torch.float32)
     export_from_model(pipeline, reference, task="text-to-image", ov_config=OVConfig(dtype="fp32"))
