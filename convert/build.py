@@ -82,7 +82,7 @@ class BuildResult:
     bundle: Path
     build_id: str
     reused: bool
-    components: list[dict[str, Any]] = field(default_factory=list)
+    components: list[package.ComponentInfo] = field(default_factory=list)
     headline: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sources: list[dict[str, Any]] = field(default_factory=list)
@@ -96,7 +96,7 @@ class BuildResult:
             "exported_components": self.exported_components,
             "bundle": str(self.bundle),
             "build_id": self.build_id,
-            "components": self.components,
+            "components": [c.to_json() for c in self.components],
             "validation": self.headline,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "sources": self.sources,
@@ -289,10 +289,10 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         # after the cache: a rewritten VAE IR is a new file (save_atomically), never the cached one
         exported, scaled = fp16fix.runtime_stage(bundle_dir, recipe, patched, exported, notify)
     components = [
-        {"name": e.name, "weights": e.weights,
-         "inference_precision": recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
-         "runtime_options": e.runtime_options, "files": [str(e.xml.relative_to(bundle_dir))]}
-        | ({"cache_key": e.cache_key} if e.cache_key else {})
+        package.ComponentInfo(
+            name=e.name, weights=e.weights,
+            inference_precision=recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
+            runtime_options=e.runtime_options, files=[str(e.xml.relative_to(bundle_dir))], cache_key=e.cache_key or None)
         for e in exported
     ]
     reused = [e.name for e in exported if e.reused]
@@ -354,7 +354,7 @@ def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> Bui
         bundle=bundle.path,
         build_id=bundle.build_id,
         reused=True,
-        components=[c.model_dump() for c in info.components],
+        components=list(info.components),
         headline=headline,
         sources=[s.lock_entry() for s in resolution.sources],
     )

@@ -406,7 +406,7 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
     console.print(f"[bold]{'Reused' if result.reused else 'Built'}[/] {result.bundle}", highlight=False, soft_wrap=True)
     table = Table("component", "weights", "runs at")
     for c in result.components:
-        table.add_row(c["name"], c["weights"], ", ".join(c.get("inference_precision", [])) or "-")
+        table.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-")
     console.print(table)
     for precision in ("f16", "bf16", "f32"):
         if precision in headline:

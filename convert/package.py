@@ -121,12 +121,18 @@ class Lock(_Record):
 
 
 class ComponentInfo(_Record):
+    """One exported submodel or tokenizer: what build.json, the card's table and the CLI summary show."""
+
     name: str
     weights: str
-    inference_precision: list[str]
+    inference_precision: list[str]  # empty for tokenizers
     runtime_options: dict[str, str]
-    files: list[str]
+    files: list[str]  # its IR, relative to the bundle
     cache_key: str | None = None  # the component cache key (convert.component_cache); None for tokenizers
+
+    def to_json(self) -> dict[str, Any]:
+        """`--json`'s shape: no cache_key key for a tokenizer (build.json writes it as null)."""
+        return self.model_dump(exclude={"cache_key"} if self.cache_key is None else set())
 
 
 class BuildInfo(_Record):
@@ -143,9 +149,9 @@ class BuildInfo(_Record):
     fit_checks: list[str]
 
 
-def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> BuildInfo:
+def build_info(resolution: Resolution, components: list[ComponentInfo], checks: list[str]) -> BuildInfo:
     return BuildInfo(build_id=resolution.build_id, recipe=resolution.recipe, lock=Lock(**resolution.lock()),
-                     components=[ComponentInfo(**c) for c in components], fit_checks=checks)
+                     components=list(components), fit_checks=checks)
 
 
 def write_build_info(folder: Path, info: BuildInfo) -> None:
@@ -183,7 +189,7 @@ def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str,
     return meta
 
 
-def model_card(resolution: Resolution, components: list[dict[str, Any]], headline: dict[str, Any], summary_md: str) -> str:
+def model_card(resolution: Resolution, components: list[ComponentInfo], headline: dict[str, Any], summary_md: str) -> str:
     recipe = resolution.recipe
     front = yaml.safe_dump(card_metadata(resolution, headline), sort_keys=False).strip()
     lines = [f"---\n{front}\n---", "", f"# {recipe.name} (OpenVINO IR)", "", recipe.description.strip(), ""]
@@ -196,8 +202,8 @@ def model_card(resolution: Resolution, components: list[dict[str, Any]], headlin
     lines += _community_lines(resolution)
     lines += ["## Components", "", "| component | weights | runs at | runtime options |", "|---|---|---|---|"]
     for c in components:
-        options = ", ".join(f"{k}={v}" for k, v in c.get("runtime_options", {}).items()) or "-"
-        lines.append(f"| {c['name']} | {c['weights']} | {', '.join(c.get('inference_precision', [])) or '-'} | {options} |")
+        options = ", ".join(f"{k}={v}" for k, v in c.runtime_options.items()) or "-"
+        lines.append(f"| {c.name} | {c.weights} | {', '.join(c.inference_precision) or '-'} | {options} |")
     lines += ["", "## Validation", "", summary_md.strip(), "", "## Provenance", ""]
     for s in resolution.sources:
         lines.append(f"- {s.role}: `{s.source.describe()}` at `{s.commit}`")

@@ -39,7 +39,7 @@ def test_bundle_has_every_sd3_submodel(sd3_build: BuildResult) -> None:
     for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         assert f"{tok}/openvino_tokenizer.xml" in listed
     assert json.loads((bundle / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
-    weights = {c["name"]: c["weights"] for c in sd3_build.components}
+    weights = {c.name: c.weights for c in sd3_build.components}
     assert weights["transformer"] == "int8" and weights["text_encoder_3"] == "int8"
     card = (bundle / "README.md").read_text()
     assert "stable-diffusion-3" in card and "from optimum.intel import OVStableDiffusion3Pipeline" in card
@@ -60,7 +60,7 @@ def test_t5_carries_optimums_activation_scale(sd3_build: BuildResult) -> None:
 
     model = ov.Core().read_model(sd3_build.bundle / "text_encoder_3" / OV_XML)
     assert model.get_rt_info()["runtime_options"]["ACTIVATIONS_SCALE_FACTOR"].astype(str) == "8.0"
-    assert [c for c in sd3_build.components if c["name"] == "text_encoder_3"][0]["runtime_options"] == {
+    assert [c for c in sd3_build.components if c.name == "text_encoder_3"][0].runtime_options == {
         "ACTIVATIONS_SCALE_FACTOR": "8.0"}
 
 
@@ -174,7 +174,7 @@ target: {{device: CPU, inference_precision: [f32]}}
 validation: {{resolution: 64, small_resolution: 32, denoise_steps: 1, components: [vae_decoder]}}
 """)
     result = build(recipe, Workspace(artifacts=tmp_path / "artifacts"))
-    names = [c["name"] for c in result.components]
+    names = [c.name for c in result.components]
     assert "text_encoder_3" not in names and "tokenizer_3" not in names and "transformer" in names
     assert not (result.bundle / "text_encoder_3").exists()
     pipe = OVStableDiffusion3Pipeline.from_pretrained(result.bundle, device="CPU")
