@@ -31,12 +31,15 @@ from convert.resolve import Resolution, generated_dir, resolve, resolve_source, 
 from convert.roles import SourceRole
 from convert.single_file import apply_scheduler, materialize, needs_materializing
 from convert.workspace import Workspace
+from validate.headline import Headline, MalformedHeadline
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 #: Folders of the artifacts folder every build may write to.
 WORK_FOLDERS = (".staging", ".locks", "logs", "sources", "broken")
+#: The bundle's validation report, written by the validate stage; a reused bundle's verdicts come from it.
+REPORT = "validation/report.json"
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class BuildResult:
     build_id: str
     reused: bool
     components: list[package.ComponentInfo] = field(default_factory=list)
-    headline: dict[str, Any] = field(default_factory=dict)
+    headline: Headline | None = None  # None: a reused bundle without validation/report.json
     timings: dict[str, float] = field(default_factory=dict)
     sources: list[dict[str, Any]] = field(default_factory=list)
     reused_components: list[str] = field(default_factory=list)  # linked from the component cache
@@ -97,7 +100,7 @@ class BuildResult:
             "bundle": str(self.bundle),
             "build_id": self.build_id,
             "components": [c.to_json() for c in self.components],
-            "validation": self.headline,
+            "validation": self.headline.to_json() if self.headline else {},
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "sources": self.sources,
         }
@@ -304,11 +307,12 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         report.write(bundle_dir / "validation")
     del patched
 
+    headline = report.headline()
     with _stage("package", timings, workspace, PackageError, need=need):
         package.write_build_info(bundle_dir, package.build_info(resolution, components, report.fit_checks))
         (bundle_dir / "recipe.yaml").write_text(resolution.recipe_path.read_text())
         (bundle_dir / package.CARD).write_text(
-            package.model_card(resolution, components, report.headline(), report.to_markdown(image_dir="validation"))
+            package.model_card(resolution, components, headline, report.to_markdown(image_dir="validation"))
         )
         if not report.passed:
             broken = package.move_aside(bundle_dir, workspace.broken, resolution.build_id)
@@ -320,7 +324,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         build_id=resolution.build_id,
         reused=False,
         components=components,
-        headline=report.headline(),
+        headline=headline,
         timings=timings,
         sources=[s.lock_entry() for s in resolution.sources],
         reused_components=reused,
@@ -345,17 +349,30 @@ def exported_weights(recipe: Recipe) -> dict[str, str]:
 
 
 def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> BuildResult:
-    import json
-
     info = package.read_build_info(bundle.path)
-    report_path = bundle.path / "validation" / "report.json"
-    headline = json.loads(report_path.read_text()).get("headline", {}) if report_path.is_file() else {}
+    report_path = bundle.path / REPORT
     return BuildResult(
         bundle=bundle.path,
         build_id=bundle.build_id,
         reused=True,
         components=list(info.components),
-        headline=headline,
+        headline=read_headline(bundle.path) if report_path.is_file() else None,
         sources=[s.lock_entry() for s in resolution.sources],
     )
+
+
+def read_headline(bundle: Path) -> Headline:
+    """A reused bundle's verdicts, from its report; one-line PackageError if this tool cannot read them."""
+    import json
+
+    hint = "rebuild the bundle with `convert --force`"
+    try:
+        report = json.loads((bundle / REPORT).read_bytes())
+        if not isinstance(report, dict) or "headline" not in report:
+            raise MalformedHeadline("headline: missing")
+        return Headline.from_json(report["headline"])
+    except OSError as e:
+        raise PackageError(f"cannot read {REPORT} ({e.strerror})", path=bundle, hint=hint) from e
+    except ValueError as e:  # not UTF-8, not JSON, or not the shape this tool writes (MalformedHeadline)
+        raise PackageError(f"{REPORT} cannot be read back: {e}", path=bundle, hint=hint) from e
 

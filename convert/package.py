@@ -23,6 +23,7 @@ from convert.errors import PackageError
 from convert.recipe import Recipe
 from convert.resolve import Resolution, file_sha256
 from convert.roles import SourceRole
+from validate.headline import Headline
 
 MANIFEST = "manifest.json"
 BUILD_INFO = "build.json"
@@ -172,7 +173,7 @@ def read_build_info(folder: Path) -> BuildInfo:
                            hint="rebuild it with this version of `convert`") from e
 
 
-def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str, Any]:
+def card_metadata(resolution: Resolution, headline: Headline | None) -> dict[str, Any]:
     recipe = resolution.recipe
     base_model = recipe.base_model or (recipe.base.hub.repo if recipe.base.hub else None)
     meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": recipe.family.task}
@@ -185,11 +186,11 @@ def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str,
     meta["upstream_sources"] = {s.role.key: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
     meta["build_id"] = resolution.build_id
-    meta["validation"] = headline
+    meta["validation"] = headline.to_json() if headline else {}
     return meta
 
 
-def model_card(resolution: Resolution, components: list[ComponentInfo], headline: dict[str, Any], summary_md: str) -> str:
+def model_card(resolution: Resolution, components: list[ComponentInfo], headline: Headline | None, summary_md: str) -> str:
     recipe = resolution.recipe
     front = yaml.safe_dump(card_metadata(resolution, headline), sort_keys=False).strip()
     lines = [f"---\n{front}\n---", "", f"# {recipe.name} (OpenVINO IR)", "", recipe.description.strip(), ""]

@@ -319,7 +319,7 @@ def test_bundle_records_no_absolute_local_path(tmp_path: Path, tiny_sources: dic
     recipe_path = _checkout(tmp_path / "checkout", tiny_sources["tiny-sdxl-base"])
     resolution = resolve(load_recipe(recipe_path), recipe_path, Workspace(artifacts=tmp_path / "artifacts"))
     info = json.dumps(package.build_info(resolution, [], []).model_dump(mode="json"))
-    card = package.model_card(resolution, [], {}, "")
+    card = package.model_card(resolution, [], None, "")
     for text in (info, card):
         assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
         assert "local:../models/base" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from validate.headline import VaeVerdict
 from validate.report import CheckResult, ValidationReport
 
 
@@ -34,6 +35,7 @@ def test_original_rows_never_gate_and_no_rows_fail() -> None:
 def test_headline_counts_and_markdown() -> None:
     bad = check(nan=10, posinf=1, neginf=1, psnr_db=None, failures=["vae_decoder f16: 12/12 non-finite"])
     report = ValidationReport([bad], {"max_non_finite": 0, "min_psnr_db": 40})
-    assert report.headline()["f16"] == {"non_finite": 12, "values": 12, "min_psnr_db": None}
+    assert report.headline().vae == {"f16": VaeVerdict(non_finite=12, values=12, min_psnr_db=None)}
+    assert report.to_json()["headline"]["f16"] == {"non_finite": 12, "values": 12, "min_psnr_db": None}
     text = report.to_markdown()
     assert "FAILED" in text and "12/12 (10 / 1 / 1)" in text and "vae_decoder f16: 12/12 non-finite" in text
