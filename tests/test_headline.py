@@ -14,25 +14,26 @@ from convert.build import REPORT, read_headline
 from convert.errors import PackageError
 from validate.end_to_end import ImageComparison
 from validate.headline import EndToEndVerdict, Headline, MalformedHeadline, SubmodelVerdict, VaeVerdict
+from validate.metrics import FiniteCount
 from validate.report import CheckResult, ValidationReport
 from validate.submodels import SubmodelResult
 
 LIMITS = {"max_non_finite": 0, "min_psnr_db": 40}
 
 
-def _check(**kw: object) -> CheckResult:
+def _check(nan: int = 0, **kw: object) -> CheckResult:
     row = dict(component="vae_decoder", vae="substituted", precision="f16", execution="emulated: no f16 here",
-               device="CPU", input_set="images@64", total=12, nan=0, posinf=0, neginf=0, psnr_db=55.0)
+               device="CPU", input_set="images@64", counts=FiniteCount(12, nan, 0, 0), psnr_db=55.0)
     return CheckResult(**(row | kw))  # type: ignore[arg-type]
 
 
 def _submodel(component: str, cosine: float | None, failures: list[str]) -> SubmodelResult:
-    return SubmodelResult(component, "f16", "emulated: x", "CPU", "2 calls", 2, 100, 0, len(failures), 0, cosine,
-                          failures=failures)
+    return SubmodelResult(component, "f16", "emulated: x", "CPU", "2 calls", 2, FiniteCount(100, 0, len(failures), 0),
+                          cosine, failures=failures)
 
 
 def _image(psnr_db: float | None, ssim: float | None) -> ImageComparison:
-    return ImageComparison("f16", "a cat", 0, {"unet": "f16 emulated"}, 48, 0, 0, 0, psnr_db, ssim)
+    return ImageComparison("f16", "a cat", 0, {"unet": "f16 emulated"}, FiniteCount(48, 0, 0, 0), psnr_db, ssim)
 
 
 def _report() -> ValidationReport:
@@ -116,3 +117,12 @@ def test_card_metadata_quotes_the_headline_json(tiny_build) -> None:
 
     front = yaml.safe_load((tiny_build.bundle / package.CARD).read_text().split("---")[1])
     assert front["validation"] == tiny_build.headline.to_json()
+
+
+def test_submodel_and_image_rows_keep_flat_counts_in_report_json() -> None:
+    submodel = _report().to_json()["submodels"][1]
+    assert list(submodel)[:10] == ["component", "precision", "execution", "device", "inputs", "calls", "total", "nan",
+                                   "posinf", "neginf"]
+    assert (submodel["total"], submodel["posinf"], submodel["invalid"]) == (100, 1, 1)
+    image = _report().to_json()["end_to_end"]["images"][0]
+    assert list(image)[:9] == ["precision", "prompt", "seed", "runs_as", "total", "nan", "posinf", "neginf", "psnr_db"]

@@ -13,6 +13,7 @@ import numpy as np
 from validate.end_to_end import ImageComparison, Thresholds
 from validate.end_to_end import markdown as image_markdown
 from validate.headline import Headline, VaeVerdict, end_to_end_verdicts, submodel_verdicts, vae_verdict
+from validate.metrics import Counted, FiniteCount, flat_counts
 from validate.submodels import SubmodelResult
 from validate.submodels import markdown as submodel_markdown
 
@@ -20,29 +21,25 @@ F16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Counted):
     component: str  # vae_decoder / vae_encoder
     vae: str  # "substituted" (what ships) or "original" (for comparison; never gates)
     precision: str  # f32 / f16 / bf16
     execution: str  # "native" or "emulated", with the reason
     device: str
     input_set: str
-    total: int
-    nan: int
-    posinf: int
-    neginf: int
+    counts: FiniteCount
     psnr_db: float | None  # None: non-finite output (never a number that could pass a `<` test)
     max_abs_activation: dict[str, float] = field(default_factory=dict)  # per block, f32 run
     failures: list[str] = field(default_factory=list)
     gating: bool = True
 
     @property
-    def invalid(self) -> int:
-        return self.nan + self.posinf + self.neginf
-
-    @property
     def passed(self) -> bool:
         return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return flat_counts(asdict(self)) | {"invalid": self.invalid, "passed": self.passed, "f16_headroom": _headrooms(self)}
 
     def label(self) -> str:
         return f"{self.component} {self.precision} [{self.vae}, {self.input_set}]"
@@ -109,10 +106,7 @@ class ValidationReport:
             "failures": self.failures,
             "fit_checks": self.fit_checks,
             "inputs": self.inputs,
-            "checks": [
-                asdict(c) | {"invalid": c.invalid, "passed": c.passed, "f16_headroom": _headrooms(c)}
-                for c in self.checks
-            ],
+            "checks": [c.to_json() for c in self.checks],
             "samples": self.samples,
             "fp16_fixes": self.fp16_fixes,
             "submodels": [r.to_json() for r in self.submodels],
