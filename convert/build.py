@@ -100,7 +100,7 @@ class BuildResult:
             "bundle": str(self.bundle),
             "build_id": self.build_id,
             "components": [c.to_json() for c in self.components],
-            "validation": self.headline.to_json() if self.headline else {},
+            "validation": self.headline.to_json() if self.headline is not None else {},
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "sources": self.sources,
         }
@@ -375,4 +375,3 @@ def read_headline(bundle: Path) -> Headline:
         raise PackageError(f"cannot read {REPORT} ({e.strerror})", path=bundle, hint=hint) from e
     except ValueError as e:  # not UTF-8, not JSON, or not the shape this tool writes (MalformedHeadline)
         raise PackageError(f"{REPORT} cannot be read back: {e}", path=bundle, hint=hint) from e
-

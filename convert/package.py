@@ -186,7 +186,7 @@ def card_metadata(resolution: Resolution, headline: Headline | None) -> dict[str
     meta["upstream_sources"] = {s.role.key: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
     meta["build_id"] = resolution.build_id
-    meta["validation"] = headline.to_json() if headline else {}
+    meta["validation"] = headline.to_json() if headline is not None else {}
     return meta
 
 
