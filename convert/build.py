@@ -28,19 +28,23 @@ from convert.fetch import FetchedSource, fetch, folder_params
 from convert.families import PipelineFamily
 from convert.recipe import Recipe, load_recipe
 from convert.resolve import Resolution, generated_dir, resolve, resolve_source, source_roles
+from convert.roles import SourceRole
 from convert.single_file import apply_scheduler, materialize, needs_materializing
 from convert.workspace import Workspace
+from validate.headline import Headline, MalformedHeadline
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 #: Folders of the artifacts folder every build may write to.
 WORK_FOLDERS = (".staging", ".locks", "logs", "sources", "broken")
+#: The bundle's validation report, written by the validate stage; a reused bundle's verdicts come from it.
+REPORT = "validation/report.json"
 
 
 @dataclass(frozen=True)
 class PlannedSource:
-    role: str
+    role: SourceRole
     source: str
     commit: str | None
     note: str = ""
@@ -70,7 +74,7 @@ class Plan:
             "recipe_path": str(self.recipe_path),
             "build_id": self.build_id,
             "output": str(self.output),
-            "sources": [s.__dict__ for s in self.sources],
+            "sources": [s.__dict__ | {"role": s.role.key} for s in self.sources],
             "components": [c.__dict__ for c in self.components],
             "checks": self.checks,
         }
@@ -81,8 +85,8 @@ class BuildResult:
     bundle: Path
     build_id: str
     reused: bool
-    components: list[dict[str, Any]] = field(default_factory=list)
-    headline: dict[str, Any] = field(default_factory=dict)
+    components: list[package.ComponentInfo] = field(default_factory=list)
+    headline: Headline | None = None  # None: a reused bundle without validation/report.json
     timings: dict[str, float] = field(default_factory=dict)
     sources: list[dict[str, Any]] = field(default_factory=list)
     reused_components: list[str] = field(default_factory=list)  # linked from the component cache
@@ -95,8 +99,8 @@ class BuildResult:
             "exported_components": self.exported_components,
             "bundle": str(self.bundle),
             "build_id": self.build_id,
-            "components": self.components,
-            "validation": self.headline,
+            "components": [c.to_json() for c in self.components],
+            "validation": self.headline.to_json() if self.headline is not None else {},
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "sources": self.sources,
         }
@@ -259,24 +263,24 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     from validate.checks import run_validation
 
     recipe = resolution.recipe
-    fetched: dict[str, FetchedSource] = {}
+    fetched: dict[SourceRole, FetchedSource] = {}
     with _stage("fetch", timings, workspace, FetchError):  # not redirected: the Hub client's download bars stay visible
         for source in resolution.sources:
             notify(f"fetch: {source.role} ({source.source.describe()})")
-            folder = staging / "sources" / source.role.replace(".", "_")
+            folder = staging / "sources" / source.role.folder_name
             fetched[source.role] = fetch(source, folder, cache_dir=workspace.hf_cache, family=recipe.family)
     if needs_materializing(recipe):
         with _stage("materialize", timings, workspace, PatchError, log):
             notify("patch: reading the single file and fusing LoRAs with diffusers' loaders")
-            fetched["base"], _fused = materialize(recipe, fetched, staging / "sources" / "base_diffusers")
+            fetched[SourceRole.base()], _fused = materialize(recipe, fetched, staging / "sources" / "base_diffusers")
     need = disk.bundle_bytes(weight_params(fetched, recipe.family), exported_weights(recipe))
     disk.check_free_space(workspace.artifacts, need, ExportError)
 
     with _stage("patch", timings, workspace, PatchError, log, need):
         notify("patch: loading the pipeline and substituting components")
-        substitutes = {role.split(".", 1)[1]: f for role, f in fetched.items() if role.startswith("substitutions.")}
+        substitutes = substitutes_of(fetched)
         allow = {"base": recipe.base.allow_pickle} | {k: s.source.allow_pickle for k, s in recipe.substitutions.items()}
-        patched = patch(fetched["base"], substitutes, allow, recipe.family)
+        patched = patch(fetched[SourceRole.base()], substitutes, allow, recipe.family)
         rescaled = fp16fix.rescale_stage(patched, recipe, staging / "rescaled_vae", notify)
         apply_scheduler(patched.pipeline, recipe.scheduler)
 
@@ -288,10 +292,10 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         # after the cache: a rewritten VAE IR is a new file (save_atomically), never the cached one
         exported, scaled = fp16fix.runtime_stage(bundle_dir, recipe, patched, exported, notify)
     components = [
-        {"name": e.name, "weights": e.weights,
-         "inference_precision": recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
-         "runtime_options": e.runtime_options, "files": [str(e.xml.relative_to(bundle_dir))]}
-        | ({"cache_key": e.cache_key} if e.cache_key else {})
+        package.ComponentInfo(
+            name=e.name, weights=e.weights,
+            inference_precision=recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
+            runtime_options=e.runtime_options, files=[str(e.xml.relative_to(bundle_dir))], cache_key=e.cache_key or None)
         for e in exported
     ]
     reused = [e.name for e in exported if e.reused]
@@ -303,11 +307,12 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         report.write(bundle_dir / "validation")
     del patched
 
+    headline = report.headline()
     with _stage("package", timings, workspace, PackageError, need=need):
         package.write_build_info(bundle_dir, package.build_info(resolution, components, report.fit_checks))
         (bundle_dir / "recipe.yaml").write_text(resolution.recipe_path.read_text())
         (bundle_dir / package.CARD).write_text(
-            package.model_card(resolution, components, report.headline(), report.to_markdown(image_dir="validation"))
+            package.model_card(resolution, components, headline, report.to_markdown(image_dir="validation"))
         )
         if not report.passed:
             broken = package.move_aside(bundle_dir, workspace.broken, resolution.build_id)
@@ -319,7 +324,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         build_id=resolution.build_id,
         reused=False,
         components=components,
-        headline=report.headline(),
+        headline=headline,
         timings=timings,
         sources=[s.lock_entry() for s in resolution.sources],
         reused_components=reused,
@@ -327,10 +332,15 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     )
 
 
-def weight_params(fetched: dict[str, FetchedSource], family: PipelineFamily) -> dict[str, int]:
+def substitutes_of(fetched: dict[SourceRole, FetchedSource]) -> dict[str, FetchedSource]:
+    """component -> the fetched source that replaces it."""
+    return {role.component: f for role, f in fetched.items() if role.component is not None}
+
+
+def weight_params(fetched: dict[SourceRole, FetchedSource], family: PipelineFamily) -> dict[str, int]:
     """Parameters per pipeline folder (text_encoder, unet, vae, ...), substitutes in place, from headers."""
-    folders = {c: fetched["base"].path / c for c in family.loaders}
-    folders |= {role.split(".", 1)[1]: f.path for role, f in fetched.items() if role.startswith("substitutions.")}
+    folders = {c: fetched[SourceRole.base()].path / c for c in family.loaders}
+    folders |= {c: f.path for c, f in substitutes_of(fetched).items()}
     return {c: folder_params(folder) for c, folder in folders.items()}
 
 
@@ -339,17 +349,29 @@ def exported_weights(recipe: Recipe) -> dict[str, str]:
 
 
 def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> BuildResult:
-    import json
-
     info = package.read_build_info(bundle.path)
-    report_path = bundle.path / "validation" / "report.json"
-    headline = json.loads(report_path.read_text()).get("headline", {}) if report_path.is_file() else {}
+    report_path = bundle.path / REPORT
     return BuildResult(
         bundle=bundle.path,
         build_id=bundle.build_id,
         reused=True,
-        components=[c.model_dump() for c in info.components],
-        headline=headline,
+        components=list(info.components),
+        headline=read_headline(bundle.path) if report_path.is_file() else None,
         sources=[s.lock_entry() for s in resolution.sources],
     )
 
+
+def read_headline(bundle: Path) -> Headline:
+    """A reused bundle's verdicts, from its report; one-line PackageError if this tool cannot read them."""
+    import json
+
+    hint = "rebuild the bundle with `convert --force`"
+    try:
+        report = json.loads((bundle / REPORT).read_bytes())
+        if not isinstance(report, dict) or "headline" not in report:
+            raise MalformedHeadline("headline: missing")
+        return Headline.from_json(report["headline"])
+    except OSError as e:
+        raise PackageError(f"cannot read {REPORT} ({e.strerror})", path=bundle, hint=hint) from e
+    except ValueError as e:  # not UTF-8, not JSON, or not the shape this tool writes (MalformedHeadline)
+        raise PackageError(f"{REPORT} cannot be read back: {e}", path=bundle, hint=hint) from e

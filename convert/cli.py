@@ -16,9 +16,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from convert.errors import ConvertError, InternalError, PackageError, UsageError, ValidationFailed
+
+if TYPE_CHECKING:
+    from validate.headline import Headline
 
 EXIT_OK = 0
 EXIT_USAGE = 64  # argparse-level mistakes (UsageError); errors use ConvertError.exit_code (1..8, 75)
@@ -398,6 +401,21 @@ def _render_plan(plan: Any) -> None:
     console.print(f"[bold]Output[/] {plan.output}", highlight=False)
 
 
+def _render_headline(console: Any, headline: Headline) -> None:
+    for precision in ("f16", "bf16", "f32"):
+        if precision in headline.vae:
+            h, orig = headline.vae[precision], headline.original_vae.get(precision)
+            extra = f"; original VAE: {orig.non_finite}/{orig.values} non-finite" if orig else ""
+            console.print(f"validation {precision}: {h.non_finite}/{h.values} non-finite, "
+                          f"min PSNR {h.min_psnr_db} dB{extra}", highlight=False)
+    for precision, s in headline.submodels.items():
+        console.print(f"submodels {precision}: {s.non_finite}/{s.values} non-finite, min cosine {s.min_cosine} "
+                      f"(text encoders, UNet on captured inputs)", highlight=False)
+    for precision, e in headline.end_to_end.items():
+        console.print(f"end to end {precision}: {e.non_finite}/{e.values} non-finite, min PSNR {e.min_psnr_db} "
+                      f"dB, min SSIM {e.min_ssim} vs f32", highlight=False)
+
+
 def _render_result(result: Any, published: dict[str, Any] | None) -> None:
     from rich.table import Table
 
@@ -406,21 +424,10 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
     console.print(f"[bold]{'Reused' if result.reused else 'Built'}[/] {result.bundle}", highlight=False, soft_wrap=True)
     table = Table("component", "weights", "runs at")
     for c in result.components:
-        table.add_row(c["name"], c["weights"], ", ".join(c.get("inference_precision", [])) or "-")
+        table.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-")
     console.print(table)
-    for precision in ("f16", "bf16", "f32"):
-        if precision in headline:
-            h = headline[precision]
-            orig = headline.get(f"original_vae_{precision}")
-            extra = f"; original VAE: {orig['non_finite']}/{orig['values']} non-finite" if orig else ""
-            console.print(f"validation {precision}: {h['non_finite']}/{h['values']} non-finite, "
-                          f"min PSNR {h['min_psnr_db']} dB{extra}", highlight=False)
-    for precision, h in headline.get("submodels", {}).items():
-        console.print(f"submodels {precision}: {h['non_finite']}/{h['values']} non-finite, min cosine {h['min_cosine']} "
-                      f"(text encoders, UNet on captured inputs)", highlight=False)
-    for precision, h in headline.get("end_to_end", {}).items():
-        console.print(f"end to end {precision}: {h['non_finite']}/{h['values']} non-finite, min PSNR {h['min_psnr_db']} "
-                      f"dB, min SSIM {h['min_ssim']} vs f32", highlight=False)
+    if headline is not None:
+        _render_headline(console, headline)
     console.print(f"report: {result.bundle / 'validation' / 'report.md'}", highlight=False, soft_wrap=True)
     if result.reused_components:
         console.print(f"from the component cache: {', '.join(result.reused_components)}; "

@@ -31,6 +31,7 @@ from typing import Any
 
 from convert.hub import file_sha256
 from convert.resolve import Resolution
+from convert.roles import SourceRole
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,14 @@ def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
     code = export_code_digest()
     inputs: dict[str, dict[str, Any]] = {}
     whole = sorted(f"{s.role}:{f['path']}:{_content(f)}" for s in resolution.sources
-                   if s.role.startswith("lora.") or s.source.file is not None for f in used[s.role])
+                   if s.role.kind == "lora" or s.source.file is not None for f in used[s.role])
     for name in family.weighted:
         settings = recipe.settings_for(name)
         if not settings.export:
             continue
         component = family.submodel(name).component
-        role = f"substitutions.{component}" if component in recipe.substitutions else "base"
-        prefix = "" if role != "base" else f"{component}/"
+        role = SourceRole.substitution(component) if component in recipe.substitutions else SourceRole.base()
+        prefix = "" if role.kind != "base" else f"{component}/"
         context = sorted(f"{r}:{f['path']}:{_content(f)}" for r, files in used.items() for f in files
                          if _in_context(r, f["path"], component, family.substitutable))
         weights = sorted(f"{f['path'][len(prefix):]}:{_content(f)}" for f in used[role]
@@ -99,7 +100,7 @@ def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
             "family": family.name,
             "submodel": name,
             "component": component,
-            "source_role": role,
+            "source_role": role.key,
             "weights": weights,
             "context": context,
             "settings": settings.model_dump(mode="json"),
@@ -110,7 +111,7 @@ def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
     return inputs
 
 
-def _in_context(role: str, path: str, component: str, substitutable: tuple[str, ...]) -> bool:
+def _in_context(role: SourceRole, path: str, component: str, substitutable: tuple[str, ...]) -> bool:
     """A config or tokenizer file any export may read: its own, or one of a non-substitutable component."""
     if _is_weight(path):
         return False
@@ -118,11 +119,14 @@ def _in_context(role: str, path: str, component: str, substitutable: tuple[str, 
     return owner == component or owner not in substitutable
 
 
-def _owner(role: str, path: str) -> str | None:
-    """The pipeline component a source file belongs to (None: the pipeline's own model_index.json)."""
-    if role != "base":
-        return role.split(".", 1)[1]
-    return path.split("/", 1)[0] if "/" in path else None
+def _owner(role: SourceRole, path: str) -> str | None:
+    """The pipeline component a source file belongs to (None: the pipeline's own model_index.json,
+    or any file of a config source or LoRA, which every export may read)."""
+    if role.kind == "substitution":
+        return role.component
+    if role.kind == "base":
+        return path.split("/", 1)[0] if "/" in path else None
+    return None
 
 
 def component_key(inputs: dict[str, Any]) -> str:

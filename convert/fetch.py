@@ -24,6 +24,7 @@ from convert.families import PipelineFamily
 from convert.families.base import CONFIG_FILES
 from convert.hub import file_sha256, git_blob_id
 from convert.resolve import ResolvedSource, SourceFile, hub_error
+from convert.roles import SourceRole
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,17 @@ WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
 @dataclass(frozen=True)
 class FetchedSource:
-    role: str
+    role: SourceRole
     path: Path  # folder holding only the selected files (component root when a subfolder was named)
     commit: str
     files: tuple[SourceFile, ...]
     bytes_downloaded: int = 0
 
 
-def needed_folders(role: str, family: PipelineFamily) -> list[str] | None:
+def needed_folders(role: SourceRole, family: PipelineFamily) -> list[str] | None:
     """Folders to fetch from a source: every pipeline folder for the base (the original VAE is the
-    validation reference even when substituted); None = the source is a single component."""
-    if role != "base":
+    validation reference even when substituted) and its config source; None = the source is a single component."""
+    if role.kind not in ("base", "config"):
         return None
     return list(family.folders)
 
@@ -56,7 +57,7 @@ def needed_folders(role: str, family: PipelineFamily) -> list[str] | None:
 def select_files(
     files: Iterable[SourceFile],
     *,
-    role: str,
+    role: SourceRole,
     folders: list[str] | None,
     subfolder: str | None,
     variant: str | None,
@@ -119,7 +120,7 @@ def parse_weight_name(name: str) -> tuple[str, str | None] | None:
     return groups["ext"], groups.get("v1") or groups.get("v2")
 
 
-def _weights(names: list[str], group: str, role: str, variant: str | None, allow_pickle: bool) -> list[str]:
+def _weights(names: list[str], group: str, role: SourceRole, variant: str | None, allow_pickle: bool) -> list[str]:
     parsed = {n: parse_weight_name(n) for n in names}
 
     def family(exts: tuple[str, ...], want: str | None) -> list[str]:
@@ -152,11 +153,11 @@ def source_selection(resolved: ResolvedSource, family: PipelineFamily,
     src = resolved.source
     if src.file is not None:
         return [f for f in resolved.files if f.path == src.file]
-    config_only = resolved.role == "base.config"
+    config_only = resolved.role.kind == "config"
     return select_files(
         resolved.files,
         role=resolved.role,
-        folders=needed_folders("base" if config_only else resolved.role, family),
+        folders=needed_folders(resolved.role, family),
         subfolder=getattr(src.hub or src.local or src.generated, "subfolder", None),
         variant=src.variant,
         allow_pickle=src.allow_pickle,
@@ -234,7 +235,7 @@ def _cache_root(cache_dir: Path | None) -> Path:
     return Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
 
 
-def _check_cache_space(role: str, cache: Path, need: int) -> None:
+def _check_cache_space(role: SourceRole, cache: Path, need: int) -> None:
     """A download that cannot fit fails now, not after gigabytes (the client only warns)."""
     from convert.disk import check_free_space
 
@@ -253,7 +254,7 @@ def _blob_path(repo: str, f: SourceFile, cache_dir: Path | None) -> Path:
     return root / repo_folder_name(repo_id=repo, repo_type="model") / "blobs" / etag
 
 
-def _verify(role: str, root: Path, selected: list[SourceFile]) -> None:
+def _verify(role: SourceRole, root: Path, selected: list[SourceFile]) -> None:
     """Check every file against the hash its source published; a mismatch evicts the cached blob.
 
     The client checks sizes only, so a corrupted transfer or cache would otherwise be built
@@ -353,7 +354,7 @@ def folder_params(folder: Path) -> int:
     return sum(tensor_params(read_safetensors_header(p)) for p in sorted(folder.glob("*.safetensors")))
 
 
-def check_formats(role: str, root: Path, selected: list[SourceFile], *, local: bool) -> None:
+def check_formats(role: SourceRole, root: Path, selected: list[SourceFile], *, local: bool) -> None:
     """Every selected weight is a readable safetensors file and every config is JSON, named at its source.
 
     Caught here, a broken file names the user's own path (not the staging link the later stages see).

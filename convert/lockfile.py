@@ -75,7 +75,7 @@ def read_lock(path: Path) -> dict[str, Any]:
 
 
 def pins(lock: dict[str, Any]) -> dict[str, str]:
-    """role -> locked commit: what `convert --locked` resolves instead of the recipe's branch."""
+    """role key ("substitutions.vae") -> locked commit: what `convert --locked` resolves instead of the recipe's branch."""
     return {s["role"]: s["commit"] for s in lock["sources"]}
 
 

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from convert.errors import PackageError
 from convert.recipe import Recipe
 from convert.resolve import Resolution, file_sha256
+from convert.roles import SourceRole
+from validate.headline import Headline
 
 MANIFEST = "manifest.json"
 BUILD_INFO = "build.json"
@@ -120,12 +122,18 @@ class Lock(_Record):
 
 
 class ComponentInfo(_Record):
+    """One exported submodel or tokenizer: what build.json, the card's table and the CLI summary show."""
+
     name: str
     weights: str
-    inference_precision: list[str]
+    inference_precision: list[str]  # empty for tokenizers
     runtime_options: dict[str, str]
-    files: list[str]
+    files: list[str]  # its IR, relative to the bundle
     cache_key: str | None = None  # the component cache key (convert.component_cache); None for tokenizers
+
+    def to_json(self) -> dict[str, Any]:
+        """`--json`'s shape: no cache_key key for a tokenizer (build.json writes it as null)."""
+        return self.model_dump(exclude={"cache_key"} if self.cache_key is None else set())
 
 
 class BuildInfo(_Record):
@@ -142,9 +150,9 @@ class BuildInfo(_Record):
     fit_checks: list[str]
 
 
-def build_info(resolution: Resolution, components: list[dict[str, Any]], checks: list[str]) -> BuildInfo:
+def build_info(resolution: Resolution, components: list[ComponentInfo], checks: list[str]) -> BuildInfo:
     return BuildInfo(build_id=resolution.build_id, recipe=resolution.recipe, lock=Lock(**resolution.lock()),
-                     components=[ComponentInfo(**c) for c in components], fit_checks=checks)
+                     components=list(components), fit_checks=checks)
 
 
 def write_build_info(folder: Path, info: BuildInfo) -> None:
@@ -165,7 +173,7 @@ def read_build_info(folder: Path) -> BuildInfo:
                            hint="rebuild it with this version of `convert`") from e
 
 
-def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str, Any]:
+def card_metadata(resolution: Resolution, headline: Headline | None) -> dict[str, Any]:
     recipe = resolution.recipe
     base_model = recipe.base_model or (recipe.base.hub.repo if recipe.base.hub else None)
     meta: dict[str, Any] = {"library_name": "openvino", "pipeline_tag": recipe.family.task}
@@ -174,15 +182,15 @@ def card_metadata(resolution: Resolution, headline: dict[str, Any]) -> dict[str,
         meta["base_model_relation"] = "quantized"
     meta["license"] = recipe.base.license or "other"
     meta["tags"] = sorted({"openvino", *recipe.family.tags, recipe.family.task, *(recipe.publish.tags if recipe.publish else [])})
-    meta["upstream"] = {s.role: s.commit for s in resolution.sources}
-    meta["upstream_sources"] = {s.role: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
+    meta["upstream"] = {s.role.key: s.commit for s in resolution.sources}
+    meta["upstream_sources"] = {s.role.key: s.source.describe() for s in resolution.sources}  # "has it moved?" in one call
     meta["substitution_licenses"] = {k: v.source.license or "unknown" for k, v in recipe.substitutions.items()}
     meta["build_id"] = resolution.build_id
-    meta["validation"] = headline
+    meta["validation"] = headline.to_json() if headline is not None else {}
     return meta
 
 
-def model_card(resolution: Resolution, components: list[dict[str, Any]], headline: dict[str, Any], summary_md: str) -> str:
+def model_card(resolution: Resolution, components: list[ComponentInfo], headline: Headline | None, summary_md: str) -> str:
     recipe = resolution.recipe
     front = yaml.safe_dump(card_metadata(resolution, headline), sort_keys=False).strip()
     lines = [f"---\n{front}\n---", "", f"# {recipe.name} (OpenVINO IR)", "", recipe.description.strip(), ""]
@@ -195,8 +203,8 @@ def model_card(resolution: Resolution, components: list[dict[str, Any]], headlin
     lines += _community_lines(resolution)
     lines += ["## Components", "", "| component | weights | runs at | runtime options |", "|---|---|---|---|"]
     for c in components:
-        options = ", ".join(f"{k}={v}" for k, v in c.get("runtime_options", {}).items()) or "-"
-        lines.append(f"| {c['name']} | {c['weights']} | {', '.join(c.get('inference_precision', [])) or '-'} | {options} |")
+        options = ", ".join(f"{k}={v}" for k, v in c.runtime_options.items()) or "-"
+        lines.append(f"| {c.name} | {c.weights} | {', '.join(c.inference_precision) or '-'} | {options} |")
     lines += ["", "## Validation", "", summary_md.strip(), "", "## Provenance", ""]
     for s in resolution.sources:
         lines.append(f"- {s.role}: `{s.source.describe()}` at `{s.commit}`")
@@ -218,15 +226,15 @@ def _community_lines(resolution: Resolution) -> list[str]:
     recipe, lines = resolution.recipe, []
     entries = {s.role: resolution.entry(s) for s in resolution.sources}
     if recipe.base.file is not None:
-        base = entries["base"]
+        base, config = entries[SourceRole.base()], entries[SourceRole.config()]
         where = f"{base['repo']}@{base['commit']}" if "repo" in base else recipe.base.describe()
         lines.append(f"**Single-file checkpoint:** `{base['file']}` from `{where}` (sha256 `{base['sha256']}`); "
-                     f"configs and tokenizers from `{entries['base.config']['source']}` at `{entries['base.config']['commit']}`.")
+                     f"configs and tokenizers from `{config['source']}` at `{config['commit']}`.")
         if "vae" in recipe.substitutions:
             lines.append(f"**Baked VAE replaced** by `{recipe.substitutions['vae'].source.describe()}`.")
         lines.append("")
     for i, lora in enumerate(recipe.lora):
-        entry = entries[f"lora.{i}"]
+        entry = entries[SourceRole.lora(i)]
         lines += [f"**LoRA fused:** `{entry['file']}` from `{entry['source']}` (sha256 `{entry['sha256']}`) at scale "
                   f"{lora.scale} into {', '.join(lora.targets)}.", ""]
     if recipe.scheduler is not None:

@@ -210,7 +210,7 @@ def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_p
         pipeline=pipeline,
         family=family,
         originals=originals,
-        substituted={c: f.role for c, f in substitutes.items()},
+        substituted={c: f.role.key for c, f in substitutes.items()},
         checks=checks,
         weights=weights,
     )

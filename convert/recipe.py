@@ -49,6 +49,7 @@ from convert.recipe_rules import (
     suggest,
 )
 from convert.recipe_yaml import read_yaml, short
+from convert.roles import SourceRole
 
 SCHEMA_VERSION = 1
 
@@ -444,11 +445,11 @@ class Recipe(_Strict):
                 if target not in self.family.lora_targets:
                     raise ValueError(f"lora.{i}.targets: {self.pipeline} has no {target} to fuse a LoRA into "
                                      f"(it has: {', '.join(self.family.lora_targets) or 'none'})")
-        sources = [("base", self.base)] + [(f"substitutions.{k}", s.source) for k, s in self.substitutions.items()]
-        for role, source in sources[1:]:
+        substitutes = [(SourceRole.substitution(k), s.source) for k, s in self.substitutions.items()]
+        for role, source in substitutes:
             if source.file is not None:
                 raise ValueError(f"{role}: a substitute is a diffusers component folder; 'file' is for the base and LoRAs")
-        sources += [(f"lora.{i}", lora.source) for i, lora in enumerate(self.lora)]
+        sources = [(SourceRole.base(), self.base), *substitutes, *((SourceRole.lora(i), lora.source) for i, lora in enumerate(self.lora))]
         for role, source in sources:
             if self.publish and source.hub and source.hub.repo.lower() == self.publish.repo.lower():
                 raise ValueError(f"publish.repo {self.publish.repo} is also the {role} source; publishing replaces "

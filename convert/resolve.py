@@ -22,6 +22,7 @@ from convert.disk import io_error
 from convert.errors import FetchError
 from convert.hub import HubFile, file_sha256, http_status, hub_files, root_cause
 from convert.recipe import Recipe, Source, recipe_digest
+from convert.roles import SourceRole
 from convert.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ SourceFile = HubFile
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    role: str  # "base" or "substitutions.<component>"
+    role: SourceRole
     source: Source
     commit: str  # 40-hex Hub commit, or "sha256:<digest>" of a local/generated folder
     files: tuple[SourceFile, ...]
@@ -56,7 +57,7 @@ class ResolvedSource:
 
     def lock_entry(self) -> dict[str, Any]:
         """What build.json and the card record: a local source's path as the recipe wrote it, never resolved."""
-        entry: dict[str, Any] = {"role": self.role, "source": self.source.describe(), "commit": self.commit}
+        entry: dict[str, Any] = {"role": self.role.key, "source": self.source.describe(), "commit": self.commit}
         if self.source.hub:
             entry |= {"repo": self.source.hub.repo, "revision": self.source.hub.revision}
         if self.source.file is not None:
@@ -67,7 +68,7 @@ class ResolvedSource:
     def pin(self) -> dict[str, str]:
         """What the build id hashes: the commit or content digest; where the recipe says it
         comes from is in the recipe digest, except a local folder's path (content only)."""
-        return {"role": self.role, "commit": self.commit}
+        return {"role": self.role.key, "commit": self.commit}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Resolution:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def source(self, role: str) -> ResolvedSource:
+    def source(self, role: SourceRole) -> ResolvedSource:
         for s in self.sources:
             if s.role == role:
                 return s
@@ -96,8 +97,8 @@ class Resolution:
     def entry(self, source: ResolvedSource) -> dict[str, Any]:
         """A LoRA's lock entry carries its fusion scale: the same file at another scale is another model."""
         entry = source.lock_entry()
-        if source.role.startswith("lora."):
-            entry["scale"] = self.recipe.lora[int(source.role.split(".")[1])].scale
+        if source.role.index is not None:
+            entry["scale"] = self.recipe.lora[source.role.index].scale
         return entry
 
     def lock(self) -> dict[str, Any]:
@@ -120,13 +121,13 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def source_roles(recipe: Recipe) -> list[tuple[str, Source]]:
+def source_roles(recipe: Recipe) -> list[tuple[SourceRole, Source]]:
     """Every source a build reads: base, its config source (single-file base), substitutes, LoRAs."""
-    roles: list[tuple[str, Source]] = [("base", recipe.base)]
+    roles: list[tuple[SourceRole, Source]] = [(SourceRole.base(), recipe.base)]
     if recipe.base.file is not None:
-        roles.append(("base.config", recipe.base.config or default_config_source(recipe)))
-    roles += [(f"substitutions.{name}", sub.source) for name, sub in recipe.substitutions.items()]
-    roles += [(f"lora.{i}", lora.source) for i, lora in enumerate(recipe.lora)]
+        roles.append((SourceRole.config(), recipe.base.config or default_config_source(recipe)))
+    roles += [(SourceRole.substitution(name), sub.source) for name, sub in recipe.substitutions.items()]
+    roles += [(SourceRole.lora(i), lora.source) for i, lora in enumerate(recipe.lora)]
     return roles
 
 
@@ -142,15 +143,15 @@ def default_config_source(recipe: Recipe) -> Source:
 def resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace, pins: Mapping[str, str] | None = None) -> Resolution:
     """Pin all sources; generated sources are built here (offline) so they can be hashed.
 
-    `pins` (role -> commit, from a lock file) replaces a Hub source's branch by the commit it
+    `pins` (role key -> commit, from a lock file) replaces a Hub source's branch by the commit it
     was locked at; a commit the Hub no longer serves is a FetchError like any missing revision.
     """
-    sources = tuple(resolve_source(role, src, workspace, recipe_path.parent, (pins or {}).get(role))
+    sources = tuple(resolve_source(role, src, workspace, recipe_path.parent, (pins or {}).get(role.key))
                     for role, src in source_roles(recipe))
     return Resolution(recipe=recipe, recipe_path=recipe_path, sources=sources, tool_versions=tool_versions())
 
 
-def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: Path,
+def resolve_source(role: SourceRole, source: Source, workspace: Workspace, recipe_dir: Path,
                    pin: str | None = None) -> ResolvedSource:
     """Pin one source; `recipe_dir` anchors a local source's relative path."""
     if source.hub is not None:
@@ -185,7 +186,7 @@ def resolve_source(role: str, source: Source, workspace: Workspace, recipe_dir: 
     return _resolve_folder(role, source, materialize_generated(source, workspace))
 
 
-def _resolve_file(role: str, source: Source, folder: Path) -> ResolvedSource:
+def _resolve_file(role: SourceRole, source: Source, folder: Path) -> ResolvedSource:
     """A single-file source is pinned by that file's sha256 alone; nothing else of the folder is read."""
     assert source.file is not None
     path = folder / source.file
@@ -195,9 +196,9 @@ def _resolve_file(role: str, source: Source, folder: Path) -> ResolvedSource:
     return ResolvedSource(role=role, source=source, commit=f"sha256:{entry.sha256}", files=(entry,), local_path=folder)
 
 
-def _check_diffusers_folder(role: str, folder: Path, subfolder: str | None) -> None:
+def _check_diffusers_folder(role: SourceRole, folder: Path, subfolder: str | None) -> None:
     """Look for the diffusers marker before hashing: `path: /` or `~` would otherwise read every file below."""
-    marker = "model_index.json" if role in ("base", "base.config") else "config.json"  # a config source is a pipeline
+    marker = "model_index.json" if role.kind in ("base", "config") else "config.json"  # a config source is a pipeline
     root = folder / subfolder if subfolder else folder
     if not (root / marker).is_file():
         raise FetchError(
@@ -242,7 +243,7 @@ def materialize_generated(source: Source, workspace: Workspace) -> Path:
     return folder
 
 
-def _resolve_folder(role: str, source: Source, folder: Path) -> ResolvedSource:
+def _resolve_folder(role: SourceRole, source: Source, folder: Path) -> ResolvedSource:
     files = tuple(
         SourceFile(path=rel, size=(folder / rel).stat().st_size, sha256=file_sha256(folder / rel))
         for rel in list_folder(folder)
@@ -259,7 +260,7 @@ def list_folder(folder: Path) -> list[str]:
     )
 
 
-def _resolve_hub(role: str, source: Source, pin: str | None = None) -> ResolvedSource:
+def _resolve_hub(role: SourceRole, source: Source, pin: str | None = None) -> ResolvedSource:
     from huggingface_hub import HfApi
 
     assert source.hub is not None
@@ -276,7 +277,7 @@ def _resolve_hub(role: str, source: Source, pin: str | None = None) -> ResolvedS
     return ResolvedSource(role=role, source=source, commit=info.sha, files=files)
 
 
-def hub_error(role: str, repo: str, revision: str, error: Exception, cache: Path | None = None) -> FetchError:
+def hub_error(role: SourceRole, repo: str, revision: str, error: Exception, cache: Path | None = None) -> FetchError:
     """Map huggingface_hub's exceptions to one line that says what to do.
 
     A wrapped cause (convert.hub.root_cause) is what the user needs.

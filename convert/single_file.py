@@ -26,6 +26,7 @@ from convert.families import FAMILIES, PipelineFamily
 from convert.families.base import Shapes
 from convert.fetch import FetchedSource, NotSafetensors, read_safetensors_header
 from convert.recipe import Lora, Recipe, SchedulerOverride
+from convert.roles import SourceRole
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _torch_dtype(shapes_header: Mapping[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class FusedLora:
-    role: str
+    role: SourceRole
     scale: float
     modules: dict[str, int]  # target -> LoRA modules fused into it
 
@@ -142,7 +143,7 @@ def fuse_lora(pipe: Any, lora: Lora, fetched: FetchedSource) -> FusedLora:
     if stray:
         raise PatchError(f"{role}: {lora.source.file} also holds {', '.join(f'{n} {c}' for c, n in stray.items())} "
                          f"LoRA layers, outside its targets {lora.targets}", hint="add them to targets, or use another file")
-    adapter = role.replace(".", "_")
+    adapter = role.folder_name
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as e:
@@ -180,16 +181,16 @@ def needs_materializing(recipe: Recipe) -> bool:
     return recipe.base.file is not None or bool(recipe.lora)
 
 
-def materialize(recipe: Recipe, fetched: Mapping[str, FetchedSource], dest: Path) -> tuple[FetchedSource, list[FusedLora]]:
+def materialize(recipe: Recipe, fetched: Mapping[SourceRole, FetchedSource], dest: Path) -> tuple[FetchedSource, list[FusedLora]]:
     """The base as a diffusers folder at `dest`: read from its single file (or diffusers folder), LoRAs fused."""
     import diffusers
 
-    family, base = recipe.family, fetched["base"]
+    family, base = recipe.family, fetched[SourceRole.base()]
     if recipe.base.file is not None:
         assert family.single_file is not None  # the recipe validator checked it
         file = base.path / recipe.base.file
         check_architecture(file, family)
-        config = fetched["base.config"].path
+        config = fetched[SourceRole.config()].path
         check_config_source(config, family)
         dtype = _torch_dtype(read_safetensors_header(file))
         try:
@@ -199,10 +200,10 @@ def materialize(recipe: Recipe, fetched: Mapping[str, FetchedSource], dest: Path
                              hint="check base.config describes this checkpoint (same family and sizes)") from e
     else:
         pipe = getattr(diffusers, family.diffusers_class).from_pretrained(base.path)
-    fused = [fuse_lora(pipe, lora, fetched[f"lora.{i}"]) for i, lora in enumerate(recipe.lora)]
+    fused = [fuse_lora(pipe, lora, fetched[SourceRole.lora(i)]) for i, lora in enumerate(recipe.lora)]
     pipe.save_pretrained(dest, safe_serialization=True)
     del pipe
-    return FetchedSource(role="base", path=dest, commit=base.commit, files=base.files), fused
+    return FetchedSource(role=SourceRole.base(), path=dest, commit=base.commit, files=base.files), fused
 
 
 def apply_scheduler(pipeline: Any, override: SchedulerOverride | None) -> None:

@@ -17,7 +17,7 @@ def test_build_json_round_trips(tiny_build) -> None:
     text = (tiny_build.bundle / package.BUILD_INFO).read_text()
     assert json.dumps(info.model_dump(mode="json"), indent=2) + "\n" == text  # byte for byte
     assert info.build_id == tiny_build.build_id and info.recipe.family.name == "stable-diffusion-xl"
-    assert [c.name for c in info.components] == [c["name"] for c in tiny_build.components]
+    assert info.components == tiny_build.components  # the typed records the build returned, read back
     assert all(s.repo is None for s in info.lock.sources)  # generated sources: no Hub keys written
     assert "repo" not in json.loads(text)["lock"]["sources"][0]
 
@@ -32,3 +32,15 @@ def test_a_build_json_this_tool_cannot_read_is_refused(tiny_build, tmp_path: Pat
         package.read_build_info(copy)
     assert str(info.value) == (f"{copy}: build.json does not fit this tool's schema at components.0.weights: "
                                "Input should be a valid string; rebuild it with this version of `convert`")
+
+
+def test_components_keep_their_json_shape(tiny_build) -> None:
+    """`--json` lists each component as before the records were typed: no cache_key for a tokenizer."""
+    rows = tiny_build.to_json()["components"]
+    assert [list(r) for r in rows if r["name"].startswith("tokenizer")] == [
+        ["name", "weights", "inference_precision", "runtime_options", "files"]] * 2
+    unet = next(r for r in rows if r["name"] == "unet")
+    assert list(unet) == ["name", "weights", "inference_precision", "runtime_options", "files", "cache_key"]
+    assert unet["files"] == ["unet/openvino_model.xml"] and len(unet["cache_key"]) == 32
+    built = json.loads((tiny_build.bundle / package.BUILD_INFO).read_text())["components"]
+    assert [c["cache_key"] for c in built if c["name"].startswith("tokenizer")] == [None, None]  # build.json keeps null

@@ -145,6 +145,9 @@ def test_unchanged_rebuild_reuses_the_bundle(tiny_build, artifacts_root: Path) -
     assert again.reused is True
     assert again.bundle == tiny_build.bundle
     assert again.build_id == tiny_build.build_id
+    # what the summary and --json show comes back typed from build.json and report.json, unchanged
+    assert again.headline == tiny_build.headline and again.components == tiny_build.components
+    assert again.to_json()["validation"] == tiny_build.to_json()["validation"]
 
 
 def _md_rows(text: str, header_start: str) -> list[list[str]]:

@@ -19,6 +19,7 @@ from convert.testing.parity import Parity, submodel_parity
 from convert.fetch import FetchedSource
 from convert.patch import patch
 from convert.recipe import Recipe
+from convert.roles import SourceRole
 
 #: One weight path per component: fp32 and fp16 loading, fp16 on save, NNCF int8.
 COMPONENTS = {
@@ -59,7 +60,7 @@ def bundles(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     base = tiny_sources["tiny-sdxl-base"]
     recipe = _recipe(base)
     ours = tmp_path_factory.mktemp("ours")
-    patched = patch(FetchedSource("base", base, "local", ()), {}, {"base": False}, recipe.family)
+    patched = patch(FetchedSource(SourceRole.base(), base, "local", ()), {}, {"base": False}, recipe.family)
     export_pipeline(patched, recipe, ours, "parity")
     return ours, _reference(base, tmp_path_factory.mktemp("optimum"), recipe)
 

@@ -52,8 +52,8 @@ validation: {{resolution: 64, small_resolution: 32, denoise_steps: 0, components
     card = (result.bundle / "README.md").read_text()
     tags = yaml.safe_load(card.split("---")[1])["tags"]
     assert "throwaway-family" in tags and "stable-diffusion-xl" not in tags
-    assert [c["name"] for c in result.components] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder",
-                                                       "vae_encoder", "tokenizer"]
+    assert [c.name for c in result.components] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder",
+                                                   "vae_encoder", "tokenizer"]
     assert not (result.bundle / "tokenizer_2" / "openvino_tokenizer.xml").exists()
     assert result.headline  # the gate ran
 

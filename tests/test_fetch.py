@@ -10,6 +10,7 @@ from convert.errors import FetchError
 from convert.families.sdxl import SDXL
 from convert.fetch import parse_weight_name, select_files
 from convert.resolve import SourceFile
+from convert.roles import SourceRole
 
 SDXL_REPO = [
     "model_index.json", "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
@@ -35,7 +36,7 @@ def files(paths: list[str]) -> list[SourceFile]:
 
 
 def select(paths: list[str], **kw: object) -> list[str]:
-    args = {"role": "base", "folders": list(SDXL.folders), "subfolder": None, "variant": None, "allow_pickle": False,
+    args = {"role": SourceRole.base(), "folders": list(SDXL.folders), "subfolder": None, "variant": None, "allow_pickle": False,
             "family": SDXL}
     args.update(kw)
     return [f.path for f in select_files(files(paths), **args)]  # type: ignore[arg-type]
@@ -59,7 +60,7 @@ def test_default_weights_when_no_variant_asked() -> None:
 
 
 def test_standalone_vae_repo_takes_the_diffusers_weights_only() -> None:
-    chosen = select(VAE_REPO, role="substitutions.vae", folders=None)
+    chosen = select(VAE_REPO, role=SourceRole.substitution("vae"), folders=None)
     assert chosen == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
@@ -74,8 +75,8 @@ def test_pickle_only_component_is_refused() -> None:
 def test_pickle_allowed_only_by_opt_in() -> None:
     repo = ["config.json", "diffusion_pytorch_model.ckpt"]
     with pytest.raises(FetchError, match="only pickle weights"):
-        select(repo, role="substitutions.vae", folders=None)
-    assert select(repo, role="substitutions.vae", folders=None, allow_pickle=True)[-1] == "diffusion_pytorch_model.ckpt"
+        select(repo, role=SourceRole.substitution("vae"), folders=None)
+    assert select(repo, role=SourceRole.substitution("vae"), folders=None, allow_pickle=True)[-1] == "diffusion_pytorch_model.ckpt"
 
 
 def test_single_file_checkpoint_is_not_a_pipeline() -> None:
@@ -87,7 +88,7 @@ def test_sharded_weights_and_index_are_kept_together() -> None:
     repo = ["config.json", "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
             "diffusion_pytorch_model.fp16-00002-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.fp16.json",
             "diffusion_pytorch_model.safetensors"]
-    chosen = select(repo, role="substitutions.unet", folders=None, variant="fp16")
+    chosen = select(repo, role=SourceRole.substitution("unet"), folders=None, variant="fp16")
     assert chosen == ["config.json", *sorted(repo[1:4])]
 
 

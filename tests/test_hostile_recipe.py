@@ -313,16 +313,17 @@ def test_bundle_records_no_absolute_local_path(tmp_path: Path, tiny_sources: dic
     from convert import package
     from convert.recipe import load_recipe
     from convert.resolve import resolve
+    from convert.roles import SourceRole
     from convert.workspace import Workspace
 
     recipe_path = _checkout(tmp_path / "checkout", tiny_sources["tiny-sdxl-base"])
     resolution = resolve(load_recipe(recipe_path), recipe_path, Workspace(artifacts=tmp_path / "artifacts"))
     info = json.dumps(package.build_info(resolution, [], []).model_dump(mode="json"))
-    card = package.model_card(resolution, [], {}, "")
+    card = package.model_card(resolution, [], None, "")
     for text in (info, card):
         assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
         assert "local:../models/base" in text
-    assert resolution.source("base").local_path == (tmp_path / "checkout" / "models" / "base").resolve()
+    assert resolution.source(SourceRole.base()).local_path == (tmp_path / "checkout" / "models" / "base").resolve()
 
 
 def test_local_source_symlink_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

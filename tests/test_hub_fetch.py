@@ -27,6 +27,7 @@ from convert.families.sdxl import SDXL
 from convert.fetch import FetchedSource, fetch
 from convert.recipe import HubSource, Source
 from convert.resolve import ResolvedSource, SourceFile, resolve_source
+from convert.roles import SourceRole
 from convert.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def hub_source(repo: str, revision: str = "main", **kw: str) -> Source:
     return Source(hub=HubSource(repo=repo, revision=revision, **kw))
 
 
-def resolve_and_fetch(role: str, source: Source, tmp: Path, dest: str = "view") -> tuple[ResolvedSource, FetchedSource]:
+def resolve_and_fetch(role: SourceRole, source: Source, tmp: Path, dest: str = "view") -> tuple[ResolvedSource, FetchedSource]:
     resolved = resolve_source(role, source, Workspace(artifacts=tmp / "artifacts"), tmp)
     return resolved, fetch(resolved, tmp / dest, cache_dir=tmp / "cache", family=SDXL)
 
@@ -147,7 +148,7 @@ def test_fp16_variant_is_fetched_pinned_and_alone(hub_server: HubServer, pipelin
                                                   tmp_path: Path) -> None:
     repo, files = pipeline_repo
     start = len(hub_server.requests_log())
-    resolved, fetched = resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path)
+    resolved, fetched = resolve_and_fetch(SourceRole.base(), hub_source(repo, variant="fp16"), tmp_path)
 
     assert re.fullmatch(r"[0-9a-f]{40}", resolved.commit) and resolved.commit == hub_server.head(repo)
     assert resolved.lock_entry() == {"role": "base", "source": f"hub:{repo}@main", "commit": resolved.commit,
@@ -162,9 +163,9 @@ def test_fp16_variant_is_fetched_pinned_and_alone(hub_server: HubServer, pipelin
 def test_second_fetch_downloads_zero_bytes(hub_server: HubServer, pipeline_repo: tuple[str, dict[str, bytes]],
                                            tmp_path: Path) -> None:
     repo, files = pipeline_repo
-    resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path, dest="first")
+    resolve_and_fetch(SourceRole.base(), hub_source(repo, variant="fp16"), tmp_path, dest="first")
     start = len(hub_server.requests_log())
-    _, again = resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path, dest="second")
+    _, again = resolve_and_fetch(SourceRole.base(), hub_source(repo, variant="fp16"), tmp_path, dest="second")
 
     assert again.bytes_downloaded == 0
     assert resolve_requests(hub_server, repo, start) == []  # not even a HEAD: the cache answers a pinned commit
@@ -174,7 +175,7 @@ def test_second_fetch_downloads_zero_bytes(hub_server: HubServer, pipeline_repo:
 def test_cached_source_is_fetched_while_the_hub_is_down(hub_server: HubServer, pipeline_repo: tuple[str, dict[str, bytes]],
                                                        tmp_path: Path) -> None:
     repo, files = pipeline_repo
-    resolved, _ = resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path, dest="first")
+    resolved, _ = resolve_and_fetch(SourceRole.base(), hub_source(repo, variant="fp16"), tmp_path, dest="first")
     start = len(hub_server.requests_log())
     hub_server.fail_next("GET", rf"^/api/models/{repo}", status=503)
     again = fetch(resolved, tmp_path / "second", cache_dir=tmp_path / "cache", family=SDXL)
@@ -187,7 +188,7 @@ def test_partially_cached_source_while_the_hub_is_down_says_retry(
     hub_server: HubServer, pipeline_repo: tuple[str, dict[str, bytes]], tmp_path: Path
 ) -> None:
     repo, _ = pipeline_repo
-    resolved = resolve_source("base", hub_source(repo, variant="fp16"), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.base(), hub_source(repo, variant="fp16"), Workspace(artifacts=tmp_path), tmp_path)
     hub_server.fail_next("GET", rf"^/{repo}/resolve/.*/unet/diffusion_pytorch_model\.fp16\.safetensors$", status=500)
     with pytest.raises(FetchError):
         fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)  # everything else is cached now
@@ -202,7 +203,7 @@ def test_standalone_vae_takes_diffusers_weights_only(hub_server: HubServer, hf_a
                                                      tmp_path: Path) -> None:
     files = vae_files(new_repo_id)
     seed_repo(hf_api, new_repo_id, files, tmp_path)
-    _, fetched = resolve_and_fetch("substitutions.vae", hub_source(new_repo_id), tmp_path)
+    _, fetched = resolve_and_fetch(SourceRole.substitution("vae"), hub_source(new_repo_id), tmp_path)
     assert sorted(view(fetched, fetched.path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     downloaded = {p for m, p, _ in resolve_requests(hub_server, new_repo_id) if m == "GET"}
     assert downloaded == {"config.json", "diffusion_pytorch_model.safetensors"}
@@ -215,7 +216,7 @@ def test_every_revision_form_resolves_to_a_commit(hf_api: HfApi, new_repo_id: st
     hf_api.create_tag(new_repo_id, tag="v1.0", revision=commit)
     hf_api.upload_file(path_or_fileobj=b"later\n", path_in_repo="NOTES.md", repo_id=new_repo_id)  # main moves on
     revision = {"branch": "release", "tag": "v1.0", "commit": commit}[form]
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id, revision), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id, revision), Workspace(artifacts=tmp_path), tmp_path)
     assert resolved.commit == commit
     assert resolved.lock_entry()["revision"] == revision and resolved.lock_entry()["commit"] == commit
 
@@ -224,7 +225,7 @@ def test_revision_moved_between_resolve_and_fetch_keeps_the_pin(hub_server: HubS
                                                                 new_repo_id: str, tmp_path: Path) -> None:
     old = vae_files(new_repo_id)
     old_commit = seed_repo(hf_api, new_repo_id, old, tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id, "main"), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id, "main"), Workspace(artifacts=tmp_path), tmp_path)
 
     new_weights = random.Random(f"{new_repo_id}-v2").randbytes(WEIGHT_SIZE)
     hf_api.upload_file(path_or_fileobj=new_weights, path_in_repo="diffusion_pytorch_model.safetensors", repo_id=new_repo_id)
@@ -243,7 +244,7 @@ def test_revision_moved_between_resolve_and_fetch_keeps_the_pin(hub_server: HubS
 def test_corrupt_download_is_refused_evicted_and_refetched(hub_server: HubServer, hf_api: HfApi, new_repo_id: str,
                                                            tmp_path: Path, path: str) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     hub_server.corrupt_blob(new_repo_id, path)
     with pytest.raises(FetchError) as info:
         fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
@@ -266,7 +267,7 @@ def test_interrupted_download_resumes_with_range(hub_server: HubServer, hf_api: 
     # The client keeps whole DOWNLOAD_CHUNK_SIZE chunks only; smaller chunks make the resume observable.
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 256 * 1024)
     hub_server.truncate_next_download(rf"^/{new_repo_id}/resolve/.*/diffusion_pytorch_model\.safetensors$")
-    _, fetched = resolve_and_fetch("substitutions.vae", hub_source(new_repo_id), tmp_path)
+    _, fetched = resolve_and_fetch(SourceRole.substitution("vae"), hub_source(new_repo_id), tmp_path)
 
     assert (fetched.path / "diffusion_pytorch_model.safetensors").read_bytes() == files["diffusion_pytorch_model.safetensors"]
     gets = [s for m, p, s in resolve_requests(hub_server, new_repo_id) if m == "GET" and p.endswith(".safetensors")]
@@ -280,13 +281,13 @@ def test_server_error_mid_download_leaves_nothing_and_the_rerun_fetches_the_rest
     failing = "unet/diffusion_pytorch_model.fp16.safetensors"
     hub_server.fail_next("GET", rf"^/{repo}/resolve/[0-9a-f]{{40}}/{re.escape(failing)}$", status=500)
     with pytest.raises(FetchError) as info:
-        resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path)
+        resolve_and_fetch(SourceRole.base(), hub_source(repo, variant="fp16"), tmp_path)
     assert f"base: {repo}@" in str(info.value) and "HTTP 500" in str(info.value) and "retry" in str(info.value)
     assert not (tmp_path / "view").exists()
     assert not list((tmp_path / "cache").rglob("*.incomplete"))
 
     start = len(hub_server.requests_log())
-    _, fetched = resolve_and_fetch("base", hub_source(repo, variant="fp16"), tmp_path)
+    _, fetched = resolve_and_fetch(SourceRole.base(), hub_source(repo, variant="fp16"), tmp_path)
     assert [p for m, p, _ in resolve_requests(hub_server, repo, start) if m == "GET"] == [failing]
     assert fetched.bytes_downloaded == len(files[failing])
     assert view(fetched, fetched.path) == {p: sha(files[p]) for p in EXPECTED_FP16}
@@ -312,7 +313,7 @@ def test_build_interrupted_by_a_server_error_leaves_no_staging_and_no_bundle(
 
 def test_missing_repo(tmp_path: Path) -> None:
     with pytest.raises(FetchError) as info:
-        resolve_and_fetch("base", hub_source("test-user/no-such-repo-4f1c"), tmp_path)
+        resolve_and_fetch(SourceRole.base(), hub_source("test-user/no-such-repo-4f1c"), tmp_path)
     assert str(info.value) == (
         "base: test-user/no-such-repo-4f1c@main: repository not found; check the repo id; if it is private, set HF_TOKEN"
     )
@@ -324,7 +325,7 @@ def test_private_repo_without_a_token_says_set_hf_token(hf_api: HfApi, new_repo_
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with pytest.raises(FetchError) as info:
-        resolve_and_fetch("base", hub_source(new_repo_id), tmp_path)
+        resolve_and_fetch(SourceRole.base(), hub_source(new_repo_id), tmp_path)
     assert str(info.value) == (
         f"base: {new_repo_id}@main: repository not found; check the repo id; if it is private, set HF_TOKEN"
     )
@@ -333,20 +334,20 @@ def test_private_repo_without_a_token_says_set_hf_token(hf_api: HfApi, new_repo_
 def test_missing_revision(pipeline_repo: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     repo, _ = pipeline_repo
     with pytest.raises(FetchError) as info:
-        resolve_and_fetch("base", hub_source(repo, "v9.9"), tmp_path)
+        resolve_and_fetch(SourceRole.base(), hub_source(repo, "v9.9"), tmp_path)
     assert str(info.value) == f"base: {repo}@v9.9: revision not found; check the branch, tag or commit in the recipe"
 
 
 def test_missing_subfolder(pipeline_repo: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     repo, _ = pipeline_repo
     with pytest.raises(FetchError) as info:
-        resolve_and_fetch("substitutions.vae", hub_source(repo, subfolder="vae_fp16_fix"), tmp_path)
+        resolve_and_fetch(SourceRole.substitution("vae"), hub_source(repo, subfolder="vae_fp16_fix"), tmp_path)
     assert str(info.value) == "substitutions.vae: the source has no folder vae_fp16_fix/; check the subfolder in the recipe"
 
 
 def test_file_missing_from_the_pinned_commit(hf_api: HfApi, new_repo_id: str, tmp_path: Path) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     ghost = SourceFile("diffusion_pytorch_model.fp16.safetensors", 10, "0" * 64)
     stale = ResolvedSource(resolved.role, Source(hub=HubSource(repo=new_repo_id, variant="fp16")), resolved.commit,
                            (*resolved.files, ghost))
@@ -363,7 +364,7 @@ def test_gated_repo_says_accept_the_licence_and_set_hf_token(hub_server: HubServ
                                                              tmp_path: Path) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
     hub_server.set_gated(new_repo_id)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     with pytest.raises(FetchError) as info:
         fetch(resolved, tmp_path / "view", cache_dir=tmp_path / "cache", family=SDXL)
     assert str(info.value) == (
@@ -381,7 +382,7 @@ def test_broken_safetensors_at_the_source_is_named_at_fetch(hf_api: HfApi, new_r
     files = vae_files(new_repo_id) | {"diffusion_pytorch_model.safetensors": struct.pack("<Q", 2**40) + b"{}"}
     seed_repo(hf_api, new_repo_id, files, tmp_path)
     with pytest.raises(FetchError) as info:
-        resolve_and_fetch("substitutions.vae", hub_source(new_repo_id), tmp_path)
+        resolve_and_fetch(SourceRole.substitution("vae"), hub_source(new_repo_id), tmp_path)
     message = str(info.value)
     assert "substitutions.vae: " in message and "diffusion_pytorch_model.safetensors is not a valid safetensors file: " \
         "header length 1099511627776 exceeds the file's 10 bytes" in message
@@ -391,7 +392,7 @@ def test_broken_safetensors_at_the_source_is_named_at_fetch(hf_api: HfApi, new_r
 def test_unwritable_hf_cache_says_cannot_write(hf_api: HfApi, new_repo_id: str, tmp_path: Path) -> None:
     """A file where the HF cache should be (root ignores chmod, so a file stands in for a read-only folder)."""
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     cache = tmp_path / "cache-file"
     cache.write_text("not a folder")
     with pytest.raises(FetchError) as info:
@@ -405,7 +406,7 @@ def test_download_that_cannot_fit_the_cache_is_refused_before_it_starts(
     hub_server: HubServer, hf_api: HfApi, new_repo_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed_repo(hf_api, new_repo_id, vae_files(new_repo_id), tmp_path)
-    resolved = resolve_source("substitutions.vae", hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
+    resolved = resolve_source(SourceRole.substitution("vae"), hub_source(new_repo_id), Workspace(artifacts=tmp_path), tmp_path)
     monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", str(2**40))  # a reserve larger than any disk
     start = len(hub_server.requests_log())
     with pytest.raises(FetchError) as info:
@@ -421,7 +422,7 @@ def test_single_file_source_downloads_that_file_alone(pipeline_repo, hub_server:
     repo, files = pipeline_repo
     source = Source(hub=HubSource(repo=repo, revision="main"), file="sd_xl_base_1.0.safetensors")
     since = len(hub_server.requests_log())
-    resolved, fetched = resolve_and_fetch("base", source, tmp_path)
+    resolved, fetched = resolve_and_fetch(SourceRole.base(), source, tmp_path)
     assert view(fetched, tmp_path / "view") == {"sd_xl_base_1.0.safetensors": sha(files["sd_xl_base_1.0.safetensors"])}
     assert {p for _m, p, _s in resolve_requests(hub_server, repo, since)} == {"sd_xl_base_1.0.safetensors"}
     entry = resolved.lock_entry()
@@ -432,11 +433,11 @@ def test_single_file_source_downloads_that_file_alone(pipeline_repo, hub_server:
 def test_single_file_missing_from_the_repo_is_one_line(pipeline_repo, tmp_path: Path) -> None:
     repo, _ = pipeline_repo
     with pytest.raises(FetchError, match=r"base: .* has no file sd_xl_turbo\.safetensors"):
-        resolve_and_fetch("base", Source(hub=HubSource(repo=repo), file="sd_xl_turbo.safetensors"), tmp_path)
+        resolve_and_fetch(SourceRole.base(), Source(hub=HubSource(repo=repo), file="sd_xl_turbo.safetensors"), tmp_path)
 
 
 def test_config_source_takes_configs_and_tokenizers_never_weights(pipeline_repo, tmp_path: Path) -> None:
     repo, _ = pipeline_repo
-    _, fetched = resolve_and_fetch("base.config", hub_source(repo), tmp_path)
+    _, fetched = resolve_and_fetch(SourceRole.config(), hub_source(repo), tmp_path)
     got = sorted(view(fetched, tmp_path / "view"))
     assert got == sorted(p for p in EXPECTED_FP16 if not p.endswith(".safetensors"))

@@ -162,7 +162,7 @@ def test_hub_round_trip_convert_publish_download_generate(hub_server: HubServer,
     # a second run reuses the HF cache: 0 bytes, not a single file request
     start = len(hub_server.requests_log())
     resolution = resolve(load_recipe(hub_build.recipe), hub_build.recipe, hub_build.workspace)
-    again = [fetch(s, tmp_path / "refetch" / s.role, cache_dir=hub_build.workspace.hf_cache,
+    again = [fetch(s, tmp_path / "refetch" / s.role.folder_name, cache_dir=hub_build.workspace.hf_cache,
                    family=resolution.recipe.family) for s in resolution.sources]
     assert resolution.build_id == hub_build.result.build_id and [f.bytes_downloaded for f in again] == [0, 0]
     assert [p for _, p, _ in hub_server.requests_log()[start:] if "/resolve/" in p] == []

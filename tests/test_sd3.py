@@ -18,6 +18,7 @@ from convert.fetch import FetchedSource
 from convert.package import MANIFEST, verify
 from convert.patch import patch
 from convert.recipe import Recipe, load_recipe
+from convert.roles import SourceRole
 from convert.testing.parity import submodel_parity
 from convert.workspace import PROJECT_ROOT, Workspace
 
@@ -38,7 +39,7 @@ def test_bundle_has_every_sd3_submodel(sd3_build: BuildResult) -> None:
     for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         assert f"{tok}/openvino_tokenizer.xml" in listed
     assert json.loads((bundle / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
-    weights = {c["name"]: c["weights"] for c in sd3_build.components}
+    weights = {c.name: c.weights for c in sd3_build.components}
     assert weights["transformer"] == "int8" and weights["text_encoder_3"] == "int8"
     card = (bundle / "README.md").read_text()
     assert "stable-diffusion-3" in card and "from optimum.intel import OVStableDiffusion3Pipeline" in card
@@ -59,7 +60,7 @@ def test_t5_carries_optimums_activation_scale(sd3_build: BuildResult) -> None:
 
     model = ov.Core().read_model(sd3_build.bundle / "text_encoder_3" / OV_XML)
     assert model.get_rt_info()["runtime_options"]["ACTIVATIONS_SCALE_FACTOR"].astype(str) == "8.0"
-    assert [c for c in sd3_build.components if c["name"] == "text_encoder_3"][0]["runtime_options"] == {
+    assert [c for c in sd3_build.components if c.name == "text_encoder_3"][0].runtime_options == {
         "ACTIVATIONS_SCALE_FACTOR": "8.0"}
 
 
@@ -120,7 +121,7 @@ def parity_bundles(artifacts_root: Path, tmp_path_factory: pytest.TempPathFactor
                                     "base": {"local": {"path": str(base)}},
                                     "target": {"device": "CPU", "inference_precision": ["f32"]}})
     ours = tmp_path_factory.mktemp("sd3-ours")
-    export_pipeline(patch(FetchedSource("base", base, "local", ()), {}, {"base": False}, recipe.family), recipe, ours, "parity")
+    export_pipeline(patch(FetchedSource(SourceRole.base(), base, "local", ()), {}, {"base": False}, recipe.family), recipe, ours, "parity")
     reference = tmp_path_factory.mktemp("sd3-optimum")
     pipeline = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=torch.float32)
     export_from_model(pipeline, reference, task="text-to-image", ov_config=OVConfig(dtype="fp32"))
@@ -173,7 +174,7 @@ target: {{device: CPU, inference_precision: [f32]}}
 validation: {{resolution: 64, small_resolution: 32, denoise_steps: 1, components: [vae_decoder]}}
 """)
     result = build(recipe, Workspace(artifacts=tmp_path / "artifacts"))
-    names = [c["name"] for c in result.components]
+    names = [c.name for c in result.components]
     assert "text_encoder_3" not in names and "tokenizer_3" not in names and "transformer" in names
     assert not (result.bundle / "text_encoder_3").exists()
     pipe = OVStableDiffusion3Pipeline.from_pretrained(result.bundle, device="CPU")

@@ -196,7 +196,7 @@ def _check_all(core: Any, model: Any, part: str, label: str, precision: str, rec
             report.samples[png] = f"{label} VAE, {precision} ({execution.split(':')[0]}), {s.name}"
         results.append(CheckResult(
             component=part, vae=label, precision=precision, execution=execution, device=where, input_set=s.name,
-            total=counts.total, nan=counts.nan, posinf=counts.posinf, neginf=counts.neginf,
+            counts=counts,
             psnr_db=value if np.isfinite(value) or value == float("inf") else None,
             max_abs_activation=maxima, failures=failures, gating=label != "original",
         ))

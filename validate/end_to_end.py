@@ -16,38 +16,31 @@ from typing import Any
 
 import numpy as np
 
-from validate.metrics import count_non_finite, passes_psnr, psnr
+from validate.metrics import Counted, FiniteCount, count_non_finite, flat_counts, passes_psnr, psnr
 
 MAGENTA = (255, 0, 255)  # non-finite pixels, as in the VAE sample PNGs
 
 
 @dataclass(frozen=True)
-class ImageComparison:
+class ImageComparison(Counted):
     """One prompt at one precision vs its f32 image; numbers rounded as reported."""
 
     precision: str
     prompt: str
     seed: int
     runs_as: dict[str, str]  # component -> "f16 emulated", "f32 native", ...
-    total: int
-    nan: int
-    posinf: int
-    neginf: int
+    counts: FiniteCount
     psnr_db: float | None  # None: non-finite image
     ssim: float | None
     failures: list[str] = field(default_factory=list)
     gating: bool = True
 
     @property
-    def invalid(self) -> int:
-        return self.nan + self.posinf + self.neginf
-
-    @property
     def passed(self) -> bool:
         return not self.failures
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"invalid": self.invalid, "passed": self.passed}
+        return flat_counts(asdict(self)) | {"invalid": self.invalid, "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -88,8 +81,7 @@ def compare(image: np.ndarray, reference: np.ndarray, *, precision: str, prompt:
         failures.append(f"{name}: PSNR {value:.2f} dB < {limits.min_psnr_db:g} dB vs the f32 image; run the UNet at "
                         f"f32 (components.unet.inference_precision) or relax validation.end_to_end.min_psnr_db")
     return ImageComparison(
-        precision=precision, prompt=prompt, seed=seed, runs_as=runs_as, total=counts.total, nan=counts.nan,
-        posinf=counts.posinf, neginf=counts.neginf,
+        precision=precision, prompt=prompt, seed=seed, runs_as=runs_as, counts=counts,
         psnr_db=None if math.isnan(value) else (value if math.isinf(value) else round(value, 2)),
         ssim=None if math.isnan(similarity) else round(similarity, 4), failures=failures, gating=limits.gate,
     )

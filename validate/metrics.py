@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,51 @@ class FiniteCount:
         """One line for reports and error messages."""
         return (f"{self.non_finite} of {self.total} values non-finite "
                 f"(nan={self.nan}, +inf={self.posinf}, -inf={self.neginf})")
+
+    def __add__(self, other: FiniteCount) -> FiniteCount:
+        """Counts of several outputs together (a submodel's outputs over all its calls)."""
+        return FiniteCount(self.total + other.total, self.nan + other.nan, self.posinf + other.posinf,
+                           self.neginf + other.neginf)
+
+
+NO_VALUES = FiniteCount(0, 0, 0, 0)
+
+
+class Counted:
+    """A check result holding a `counts: FiniteCount`, read under the names its reports use."""
+
+    counts: FiniteCount
+
+    @property
+    def total(self) -> int:
+        return self.counts.total
+
+    @property
+    def nan(self) -> int:
+        return self.counts.nan
+
+    @property
+    def posinf(self) -> int:
+        return self.counts.posinf
+
+    @property
+    def neginf(self) -> int:
+        return self.counts.neginf
+
+    @property
+    def invalid(self) -> int:
+        return self.counts.invalid
+
+
+def flat_counts(row: dict[str, Any]) -> dict[str, Any]:
+    """`asdict` of a Counted result with `counts` spread in place: report.json's flat total/nan/posinf/neginf."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "counts":
+            out |= value
+        else:
+            out[key] = value
+    return out
 
 
 def count_non_finite(x: np.ndarray) -> FiniteCount:

@@ -12,6 +12,8 @@ import numpy as np
 
 from validate.end_to_end import ImageComparison, Thresholds
 from validate.end_to_end import markdown as image_markdown
+from validate.headline import Headline, VaeVerdict, end_to_end_verdicts, submodel_verdicts, vae_verdict
+from validate.metrics import Counted, FiniteCount, flat_counts
 from validate.submodels import SubmodelResult
 from validate.submodels import markdown as submodel_markdown
 
@@ -19,29 +21,25 @@ F16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Counted):
     component: str  # vae_decoder / vae_encoder
     vae: str  # "substituted" (what ships) or "original" (for comparison; never gates)
     precision: str  # f32 / f16 / bf16
     execution: str  # "native" or "emulated", with the reason
     device: str
     input_set: str
-    total: int
-    nan: int
-    posinf: int
-    neginf: int
+    counts: FiniteCount
     psnr_db: float | None  # None: non-finite output (never a number that could pass a `<` test)
     max_abs_activation: dict[str, float] = field(default_factory=dict)  # per block, f32 run
     failures: list[str] = field(default_factory=list)
     gating: bool = True
 
     @property
-    def invalid(self) -> int:
-        return self.nan + self.posinf + self.neginf
-
-    @property
     def passed(self) -> bool:
         return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return flat_counts(asdict(self)) | {"invalid": self.invalid, "passed": self.passed, "f16_headroom": _headrooms(self)}
 
     def label(self) -> str:
         return f"{self.component} {self.precision} [{self.vae}, {self.input_set}]"
@@ -79,43 +77,36 @@ class ValidationReport:
             lines.append("no validation check ran; enable validation.components in the recipe")
         return lines
 
-    def headline(self) -> dict[str, Any]:
-        """The few numbers quoted in the model card and the Hub metadata."""
-        def worst(checks: list[CheckResult]) -> dict[str, Any]:
-            psnrs = [c.psnr_db for c in checks if c.psnr_db is not None]
-            return {
-                "non_finite": sum(c.invalid for c in checks),
-                "values": sum(c.total for c in checks),
-                "min_psnr_db": round(min(psnrs), 2) if psnrs and len(psnrs) == len(checks) else None,
-            }
+    def headline(self) -> Headline:
+        """The few numbers quoted in the model card, the Hub metadata and the CLI summary."""
+        def worst(checks: list[CheckResult]) -> VaeVerdict:
+            return vae_verdict(sum(c.total for c in checks), sum(c.invalid for c in checks), [c.psnr_db for c in checks])
 
-        out: dict[str, Any] = {"passed": self.passed}
-        for precision in sorted({c.precision for c in self.checks}):
-            shipped = [c for c in self.gating_checks if c.precision == precision]
-            original = [c for c in self.checks if c.vae == "original" and c.precision == precision]
-            if shipped:
-                out[precision] = worst(shipped)
-            if original:
-                out[f"original_vae_{precision}"] = worst(original)
+        precisions = sorted({c.precision for c in self.checks})
+        shipped = {p: [c for c in self.gating_checks if c.precision == p] for p in precisions}
+        original = {p: [c for c in self.checks if c.vae == "original" and c.precision == p] for p in precisions}
         activations = [v for c in self.gating_checks for v in c.max_abs_activation.values()]
-        if activations:
-            out["max_abs_activation"] = float(max(activations))
-            out["f16_headroom"] = round(F16_MAX / max(activations), 3) if max(activations) > 0 else None
-        out["execution"] = sorted({c.execution.split(":")[0] for c in self.checks if c.precision != "f32"})
-        return out | pipeline_headline(self.submodels, self.images)
+        peak = max(activations) if activations else None
+        return Headline(
+            passed=self.passed,
+            vae={p: worst(checks) for p, checks in shipped.items() if checks},
+            original_vae={p: worst(checks) for p, checks in original.items() if checks},
+            max_abs_activation=None if peak is None else float(peak),
+            f16_headroom=round(F16_MAX / peak, 3) if peak is not None and peak > 0 else None,
+            execution=tuple(sorted({c.execution.split(":")[0] for c in self.checks if c.precision != "f32"})),
+            submodels=submodel_verdicts(self.submodels),
+            end_to_end=end_to_end_verdicts(self.images),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable({
             "passed": self.passed,
-            "headline": self.headline(),
+            "headline": self.headline().to_json(),
             "thresholds": self.thresholds,
             "failures": self.failures,
             "fit_checks": self.fit_checks,
             "inputs": self.inputs,
-            "checks": [
-                asdict(c) | {"invalid": c.invalid, "passed": c.passed, "f16_headroom": _headrooms(c)}
-                for c in self.checks
-            ],
+            "checks": [c.to_json() for c in self.checks],
             "samples": self.samples,
             "fp16_fixes": self.fp16_fixes,
             "submodels": [r.to_json() for r in self.submodels],
@@ -225,24 +216,3 @@ def save_png(images: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
 
-
-def pipeline_headline(submodels: list[SubmodelResult], images: list[ImageComparison]) -> dict[str, Any]:
-    """Worst submodel and end-to-end numbers per precision, for the card and the CLI summary."""
-    out: dict[str, Any] = {}
-    for precision in sorted({r.precision for r in submodels}):
-        rows = [r for r in submodels if r.precision == precision]
-        cosines = [r.min_cosine for r in rows]
-        out.setdefault("submodels", {})[precision] = {
-            "non_finite": sum(r.invalid for r in rows), "values": sum(r.total for r in rows),
-            "min_cosine": None if None in cosines else min(c for c in cosines if c is not None),
-            "failed": sorted({r.component for r in rows if not r.passed}),
-        }
-    for precision in sorted({r.precision for r in images}):
-        rows = [r for r in images if r.precision == precision]
-        psnrs, ssims = [r.psnr_db for r in rows], [r.ssim for r in rows]
-        out.setdefault("end_to_end", {})[precision] = {
-            "non_finite": sum(r.invalid for r in rows), "values": sum(r.total for r in rows),
-            "min_psnr_db": None if None in psnrs else min(p for p in psnrs if p is not None),
-            "min_ssim": None if None in ssims else min(s for s in ssims if s is not None),
-        }
-    return out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from validate.metrics import F16_MAX, count_non_finite, headroom
+from validate.metrics import F16_MAX, NO_VALUES, Counted, FiniteCount, count_non_finite, flat_counts, headroom
 
 if TYPE_CHECKING:  # OpenVINO stays out of the report's (and --plan's) imports
     from validate.pipeline_run import Call, PartRequest
@@ -68,7 +68,7 @@ def submodel_block(friendly_name: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class SubmodelResult:
+class SubmodelResult(Counted):
     """One submodel at one precision over its captured calls; numbers rounded as reported."""
 
     component: str
@@ -77,18 +77,11 @@ class SubmodelResult:
     device: str
     inputs: str  # which captured calls, in words
     calls: int
-    total: int
-    nan: int
-    posinf: int
-    neginf: int
+    counts: FiniteCount  # over every output of every call
     min_cosine: float | None  # worst output of the worst call vs f32 of the same IR; None: non-finite
     max_abs_activation: dict[str, float] = field(default_factory=dict)  # per block, f32 run
     first_overflow: str | None = None  # block where values first exceed the format's range
     failures: list[str] = field(default_factory=list)
-
-    @property
-    def invalid(self) -> int:
-        return self.nan + self.posinf + self.neginf
 
     @property
     def passed(self) -> bool:
@@ -98,7 +91,7 @@ class SubmodelResult:
         return {block: round(headroom(v), 3) for block, v in self.max_abs_activation.items()}
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"invalid": self.invalid, "passed": self.passed, "f16_headroom": self.headrooms()}
+        return flat_counts(asdict(self)) | {"invalid": self.invalid, "passed": self.passed, "f16_headroom": self.headrooms()}
 
 
 def cosine(x: np.ndarray, y: np.ndarray) -> float:
@@ -193,33 +186,31 @@ def check_submodel(core: Any, model: Any, component: str, request: PartRequest, 
     At f32 the recorded outputs are the run itself (cosine 1 by definition, not re-run).
     """
     mode = request.mode
-    nan = posinf = neginf = total = 0
+    counts = NO_VALUES
     worst = 1.0
     for call in calls:
         outputs = call.outputs if mode.precision == "f32" else request.run(call.inputs)
         for name, ref in call.outputs.items():
-            counts = count_non_finite(outputs[name])
-            nan, posinf, neginf, total = nan + counts.nan, posinf + counts.posinf, neginf + counts.neginf, total + counts.total
+            counts += count_non_finite(outputs[name])
             c = cosine(outputs[name], ref)
             worst = c if math.isnan(c) or c < worst else worst  # NaN sticks: min() would drop it
     blocks, per_op = maxima if maxima is not None else ({}, [])
-    invalid = nan + posinf + neginf
     first = None
     failures: list[str] = []
     name = f"{component} {mode.precision}"
-    if invalid > max_non_finite:
+    if counts.invalid > max_non_finite:
         first = first_beyond(per_op)
         if first is None and mode.emulated:  # rounding, not f32 range, pushed it over: look at the emulated run
             first = first_beyond(block_maxima(core, request.runnable, calls[:1])[1])
         where = _where(first, blocks)
-        failures.append(f"{name}: {invalid}/{total} output values non-finite on {inputs} (NaN {nan}, "
-                        f"inf {posinf + neginf}){where}; {fix_hint(component)}")
+        failures.append(f"{name}: {counts.invalid}/{counts.total} output values non-finite on {inputs} (NaN {counts.nan}, "
+                        f"inf {counts.posinf + counts.neginf}){where}; {fix_hint(component)}")
     elif math.isnan(worst) or worst < min_cosine:
         failures.append(f"{name}: cosine similarity {worst:.8f} < {min_cosine:g} vs the same IR at f32 on {inputs}; "
                         f"{fix_hint(component)}")
     return SubmodelResult(
         component=component, precision=mode.precision, execution=f"{'emulated' if mode.emulated else 'native'}: {mode.reason}",
-        device=mode.device, inputs=inputs, calls=len(calls), total=total, nan=nan, posinf=posinf, neginf=neginf,
+        device=mode.device, inputs=inputs, calls=len(calls), counts=counts,
         min_cosine=None if math.isnan(worst) else round(worst, 8),
         max_abs_activation={k: float(f"{v:.6g}") for k, v in blocks.items()},
         first_overflow=first, failures=failures,
