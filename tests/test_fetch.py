@@ -151,8 +151,8 @@ def test_a_local_config_source_is_a_pipeline_folder_without_weights(tmp_path: Pa
     workspace = Workspace(artifacts=tmp_path / "artifacts", hf_cache=tmp_path / "hf-cache")
     source = Source(local=LocalSource(path=Path("config")))
     with pytest.raises(FetchError) as error:
-        resolve_source("base.config", source, workspace, tmp_path)
+        resolve_source(SourceRole.config(), source, workspace, tmp_path)
     assert str(error.value).startswith(f"base.config: no model_index.json in {config}; a local source is a folder in diffusers layout")
     (config / "model_index.json").write_text("{}")
-    resolved = resolve_source("base.config", source, workspace, tmp_path)
+    resolved = resolve_source(SourceRole.config(), source, workspace, tmp_path)
     assert resolved.local_path == config and {f.path for f in resolved.files} == {"model_index.json", "unet/config.json"}
