@@ -109,7 +109,8 @@ def write_pipeline_files(pipeline: Any, out_dir: Path, tokenizers: tuple[str, ..
 def export_submodel(patched: PatchedPipeline, name: str, settings: ComponentSettings, precisions: list[str],
                     build_id: str, folder: Path, cache_key: str | None = None) -> tuple[Path, dict[str, str]]:
     """Trace, compress and save one submodel; returns its IR path and runtime options."""
-    from convert.export_worker import build_submodel, release_memory
+    from convert.export_worker import build_submodel
+    from convert.memory import release_memory
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -295,7 +296,7 @@ def _constant_bytes(node: Any) -> int:
 
 
 def _release() -> None:
-    from convert.export_worker import release_memory
+    from convert.memory import release_memory
 
     release_memory()
 

@@ -22,9 +22,7 @@ full size by scripts/bench.py.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import inspect
 import logging
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.families import SubmodelSpec
+from convert.memory import release_memory
 from convert.patch import LoadDtype, PatchedPipeline, WeightSource
 
 log = logging.getLogger(__name__)
@@ -51,48 +50,6 @@ def load_dtype(weights: str, source: WeightSource) -> LoadDtype:
     if weights == "fp16" or (weights in ("int8", "int4") and source.stored_dtype == "fp16"):
         return "fp16"
     return "fp32"
-
-
-_MADV_DONTNEED = 4
-
-
-def release_memory() -> None:
-    """Collect garbage, hand freed heap pages back to the OS, and unmap read pages of weight files.
-
-    fp16 weights are loaded zero-copy from a private mmap of the safetensors file, which
-    stays mapped while any tensor of the file lives: every page once read (tracing,
-    compression) stays in the process's RSS. Pages never written are clean page cache, so
-    dropping them from this process (MADV_DONTNEED) loses nothing: a later read faults
-    them back in from the cache. Mappings with any written (anonymous) page are left alone.
-    """
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc/Linux: nothing to trim
-        return
-    libc.malloc_trim(0)
-    for start, end in clean_weight_mappings():
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-def clean_weight_mappings() -> list[tuple[int, int]]:
-    """Address ranges of .safetensors mappings without a single written page (from /proc/self/smaps)."""
-    try:
-        text = Path("/proc/self/smaps").read_text()
-    except OSError:
-        return []
-    ranges, current = [], None
-    for line in text.splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-            current = None
-            if len(head) == 6 and head[5].endswith(".safetensors") and "x" not in head[1]:
-                current = tuple(int(x, 16) for x in head[0].split("-"))
-        elif current is not None and line.startswith("Anonymous:"):
-            if int(line.split()[1]) == 0:
-                ranges.append(current)
-            current = None
-    return ranges
 
 
 def small_example(dummy: dict[str, Any]) -> dict[str, Any]:

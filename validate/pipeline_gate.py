@@ -55,7 +55,7 @@ def run_precision(recipe: Recipe, label: str, part: str) -> str:
 
 
 class _Modes:
-    """ExecutionModes and compiled requests, shared by the submodel replay and the end-to-end run."""
+    """ExecutionModes and compiled requests of one precision, shared by its submodel replay and end-to-end run."""
 
     def __init__(self, core: Any, device: str, models: dict[str, Any]) -> None:
         self.core, self.device, self.models = core, device, models
@@ -68,6 +68,12 @@ class _Modes:
         if (part, precision) not in self._requests:
             self._requests[part, precision] = PartRequest(self.core, self.models[part], self.mode(precision))
         return self._requests[part, precision]
+
+    def release(self) -> None:
+        """Forget every compiled request: the next precision compiles its own, never beside this one's."""
+        for request in self._requests.values():
+            request.release()
+        self._requests.clear()
 
 
 def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size: int,
@@ -97,35 +103,47 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     f32_images = images(pipeline)
     out.timings["pipeline_f32"] = time.monotonic() - started
 
-    started = time.monotonic()
-    for part, (calls, described) in _captured(reference, len(e2e.prompts), e2e.steps, e2e.unet_calls, size).items():
-        if part not in checked:
-            continue
-        maxima = per_block(reference[part].maxima), list(reference[part].maxima.items())  # the whole f32 run
-        out.maxima[part] = maxima[0]
-        for precision in recipe.precisions_for(part):
-            say(f"validate: {part} {precision} on captured inputs")
-            out.submodels.append(check_submodel(
-                core, modes.models[part], part, modes.request(part, precision), calls, inputs=described,
-                min_cosine=settings.min_cosine, max_non_finite=settings.max_non_finite, maxima=maxima))
-    out.timings["submodels"] = time.monotonic() - started
+    captured = _captured(reference, len(e2e.prompts), e2e.steps, e2e.unet_calls, size)
+    for part in checked:  # the whole f32 run's maxima, before its compiled models go
+        out.maxima[part] = per_block(reference[part].maxima)
+    maxima = {part: (out.maxima[part], list(reference[part].maxima.items())) for part in checked}
+    for request in reference.values():  # one full-size UNet compiled at a time: ~10 GiB each at f32
+        request.release()
 
-    started = time.monotonic()
     labels = [p for p in recipe.target.inference_precision if p != "f32"]
-    columns = [f32_images]
-    for label in labels:
-        say(f"validate: end-to-end run at {label}")
-        runs = {part: run_precision(recipe, label, part) for part in present}
-        install(pipeline, {part: modes.request(part, runs[part]) for part in present})
-        runs_as = {part: f"{p} {'emulated' if modes.mode(p).emulated else 'native'}" for part, p in runs.items()}
-        columns.append(images(pipeline))
-        out.images += [compare(image, reference_image, precision=label, prompt=prompt, seed=e2e.seed + i,
-                               runs_as=runs_as, limits=out.limits)
-                       for i, (prompt, image, reference_image) in enumerate(zip(e2e.prompts, columns[-1], f32_images))]
+    wanted = {part: recipe.precisions_for(part) for part in checked}
+    columns: dict[str, list[np.ndarray]] = {}
+    checked_at: list[SubmodelResult] = []
+    out.timings["submodels"] = out.timings["end_to_end"] = 0.0
+    for precision in dict.fromkeys([p for part in checked for p in wanted[part]] + labels):
+        started = time.monotonic()
+        for part in (p for p in checked if precision in wanted[p]):
+            calls, described = captured[part]
+            say(f"validate: {part} {precision} on captured inputs")
+            checked_at.append(check_submodel(
+                core, modes.models[part], part, modes.request(part, precision), calls, inputs=described,
+                min_cosine=settings.min_cosine, max_non_finite=settings.max_non_finite, maxima=maxima[part]))
+        out.timings["submodels"] += time.monotonic() - started
+        if precision in labels:
+            started = time.monotonic()
+            say(f"validate: end-to-end run at {precision}")
+            runs = {part: run_precision(recipe, precision, part) for part in present}
+            install(pipeline, {part: modes.request(part, runs[part]) for part in present})
+            runs_as = {part: f"{p} {'emulated' if modes.mode(p).emulated else 'native'}" for part, p in runs.items()}
+            columns[precision] = images(pipeline)
+            out.images += [compare(image, reference_image, precision=precision, prompt=prompt, seed=e2e.seed + i,
+                                   runs_as=runs_as, limits=out.limits)
+                           for i, (prompt, image, reference_image) in enumerate(zip(e2e.prompts, columns[precision], f32_images))]
+            out.timings["end_to_end"] += time.monotonic() - started
+        modes.release()
+    order = {(part, p): i for i, (part, p) in enumerate((part, p) for part in checked for p in wanted[part])}
+    out.submodels = sorted(checked_at, key=lambda r: order[r.component, r.precision])  # report order: part, then precision
+    started = time.monotonic()
     del pipeline
-    save_grid([[column[i] for column in columns] for i in range(len(e2e.prompts))], bundle_dir / "validation" / GRID)
+    grid = [f32_images, *(columns[label] for label in labels)]
+    save_grid([[column[i] for column in grid] for i in range(len(e2e.prompts))], bundle_dir / "validation" / GRID)
     out.figures[GRID] = f"end to end, one row per prompt: {' | '.join(['f32', *labels])}"
-    out.timings["end_to_end"] = time.monotonic() - started
+    out.timings["end_to_end"] += time.monotonic() - started
     return out
 
 
