@@ -88,6 +88,7 @@ class BuildResult:
     components: list[package.ComponentInfo] = field(default_factory=list)
     headline: Headline | None = None  # None: a reused bundle without validation/report.json
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_gib: dict[str, float] = field(default_factory=dict)  # stage -> this process's largest RSS by its end
     sources: list[dict[str, Any]] = field(default_factory=list)
     reused_components: list[str] = field(default_factory=list)  # linked from the component cache
     exported_components: list[str] = field(default_factory=list)  # exported (or tokenized) by this build
@@ -102,6 +103,7 @@ class BuildResult:
             "components": [c.to_json() for c in self.components],
             "validation": self.headline.to_json() if self.headline is not None else {},
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            "peak_rss_gib": {k: round(v, 2) for k, v in self.peak_rss_gib.items()},
             "sources": self.sources,
         }
 
@@ -201,7 +203,7 @@ def _resolve(recipe: Recipe, recipe_path: Path, workspace: Workspace, locked: bo
 
 def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force: bool, notify: Progress,
                   locked: bool, resolved: Resolution | None) -> tuple[BuildResult, Resolution]:
-    timings: dict[str, float] = {}
+    timings = StageTimes()
     t0 = time.monotonic()
     if resolved is None:
         notify("resolve: pinning sources (generated sources are built on first use)")
@@ -217,7 +219,7 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
         info = package.load_bundle(dest)
         return _result_from_existing(info, resolution), resolution
 
-    with _stage("staging", {}, workspace, PackageError):
+    with _stage("staging", StageTimes(), workspace, PackageError):
         staging = staging_mod.new_staging(workspace, build_id)
     bundle_dir = staging / "bundle"
     log_path = workspace.log_file(recipe.name)
@@ -238,7 +240,7 @@ def _remove_interrupted_replacements(workspace: Workspace, recipe_name: str) -> 
 
 
 @contextmanager
-def _stage(name: str, timings: dict[str, float], workspace: Workspace, error: type[ConvertError],
+def _stage(name: str, timings: StageTimes, workspace: Workspace, error: type[ConvertError],
            log: Path | None = None, need: int | None = None) -> Iterator[None]:
     """Time a stage; with `log`, its libraries' output goes there instead of the terminal.
 
@@ -254,10 +256,26 @@ def _stage(name: str, timings: dict[str, float], workspace: Workspace, error: ty
             raise
         raise mapped from e
     timings[name] = time.monotonic() - started
+    timings.peaks[name] = peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """This process's largest RSS so far (export and validation run in it; ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StageTimes(dict[str, float]):
+    """Seconds per stage, and in `peaks` the process's peak RSS (GiB) at the end of each stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peaks: dict[str, float] = {}
 
 
 def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: Path, workspace: Workspace,
-                notify: Progress, timings: dict[str, float], log: Path) -> BuildResult:
+                notify: Progress, timings: StageTimes, log: Path) -> BuildResult:
     from convert.export import export_pipeline
     from convert.patch import patch
     from validate.checks import run_validation
@@ -325,7 +343,8 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         reused=False,
         components=components,
         headline=headline,
-        timings=timings,
+        timings=dict(timings),
+        peak_rss_gib=timings.peaks,
         sources=[s.lock_entry() for s in resolution.sources],
         reused_components=reused,
         exported_components=[e.name for e in exported if not e.reused],

@@ -434,6 +434,9 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
                       f"exported: {', '.join(result.exported_components) or '-'}", highlight=False)
     if result.timings:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), highlight=False)
+    if result.peak_rss_gib:
+        console.print(f"peak memory (RSS): export {result.peak_rss_gib.get('export', 0):.2f} GiB, "
+                      f"whole build {max(result.peak_rss_gib.values()):.2f} GiB", highlight=False)
     if published:
         console.print(_publish_line(published), highlight=False)
 

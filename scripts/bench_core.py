@@ -7,6 +7,7 @@ never touching the committed files), so every step can be proven end to end in m
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -190,11 +191,23 @@ def output_of(out: Path, recipe: str | None) -> Path:
 def convert_ours(recipe: str, out: Path, log: Path, lay: Layout, edits: dict[str, str] | None = None) -> dict[str, Any]:
     """One `sdxl-convert convert` of a bench recipe under `measure`, into a fresh `out`."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [str(BIN / "sdxl-convert"), "--artifacts", str(out), "--cache", str(out / "cache"), "convert",
+    command = [str(BIN / "sdxl-convert"), "--artifacts", str(out), "--cache", str(out / "cache"), "--json", "convert",
                recipe_arg(recipe, lay, edits), "--force"]
     print(f"convert: {' '.join(command)}", flush=True)
-    m = measure(command, log, {"HF_HUB_OFFLINE": "1"})
-    return {**asdict(m), **bundle_sizes(output_of(out, recipe))}
+    document = log.with_suffix(".json")
+    m = measure(command, log, {"HF_HUB_OFFLINE": "1"}, stdout=document)
+    return {**asdict(m), **bundle_sizes(output_of(out, recipe)), **stages(document)}
+
+
+def stages(document: Path) -> dict[str, Any]:
+    """Seconds and the process's peak RSS at the end of each stage, from the build's --json (absent: {})."""
+    try:
+        found = json.loads(document.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict) or "timings_s" not in found:
+        return {}
+    return {"stage_s": found["timings_s"], "stage_peak_rss_gib": found.get("peak_rss_gib", {})}
 
 
 def bundle_sizes(bundle: Path) -> dict[str, Any]:

@@ -36,7 +36,9 @@ def test_every_stored_result_says_when_it_was_measured() -> None:
 def test_a_partial_run_footnotes_the_rows_of_an_earlier_day() -> None:
     results = copy.deepcopy(_results())
     results["date"] = "2026-12-05T10:00"
-    results["convert"]["ours-fp16"] |= {"measured_at": "2026-12-05T09:58"}
+    for run, row in results["convert"].items():  # every row from an earlier run, then one measured today
+        row |= {"measured_at": "2026-11-26T17:55", "transcribed": "from BENCHMARKS.md of 2026-11-26"}
+    results["convert"]["ours-fp16"] |= {"measured_at": "2026-12-05T09:58", "wall_s": 94, "returncode": 0}
     del results["convert"]["ours-fp16"]["transcribed"]
     text = bench.render(results)
     assert ("Measured (UTC): optimum-fp16, ours-int8, optimum-int8 on 2026-11-26 (from BENCHMARKS.md of 2026-11-26); "
