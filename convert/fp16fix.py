@@ -68,7 +68,6 @@ def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) 
     """Apply `rescale` to the VAE parts that ask for it; point the export at the rescaled weights."""
     from convert.patch import weight_source
     from convert.rescale import rescale_vae, vae_inputs
-    from convert.testing.sdxl import write_vae
 
     parts = [p for p in VAE_PARTS if recipe.settings_for(p).export and recipe.fp16_fix_for(p) == "rescale"]
     if not parts:
@@ -79,7 +78,7 @@ def rescale_stage(patched: Any, recipe: Recipe, folder: Path, notify: Progress) 
     inputs = {CODER[p]: [s[CODER[p]] for s in sets] for p in parts}
     headroom = recipe.validation.min_f16_headroom
     fixed, plans = rescale_vae(vae, inputs, headroom)
-    write_vae(fixed, folder)
+    fixed.save_pretrained(folder, safe_serialization=True)  # staging: removed with the build if it fails
     source = weight_source("vae", patched.weights["vae"].loader, folder, False)
     reloaded = source.load("fp32")  # what the export stage will read (eps as diffusers sets it)
     records = []

@@ -137,6 +137,21 @@ def test_shape_arithmetic_is_left_in_f32(core: ov.Core) -> None:
     assert out.shape == (1, 1, 1, 80_000)
 
 
+def test_int8_weight_decompression_is_neither_rounded_nor_tapped(core: ov.Core) -> None:
+    """NNCF's u8 -> f32, minus zero point, times scale is on weights alone: only the matmul and after count."""
+    x = ops.parameter([1, 4], np.float32, name="x")
+    q = ops.convert(ops.constant(np.arange(8, dtype=np.uint8).reshape(2, 4)), "f32")
+    zero_point = ops.convert(ops.constant(np.full((2, 1), 3, np.uint8)), "f32")
+    weights = ops.multiply(ops.subtract(q, zero_point), ops.constant(np.full((2, 1), 0.5, np.float32)))
+    y = ops.swish(ops.matmul(x, weights, False, True))
+    model = ov.Model([y.output(0)], [x])
+    assert [op.get_type_name() for op in rounding_ops(model)] == ["Parameter", "MatMul", "Swish"]
+    w = (np.arange(8).reshape(2, 4) - 3) * 0.5
+    expected = np.ones((1, 4)) @ w.T
+    out = emulate_f16(model).infer(core, {"x": np.ones((1, 4), np.float32)})
+    np.testing.assert_allclose(out, expected / (1 + np.exp(-expected)), rtol=2e-3)
+
+
 # ----------------------------------------------------------------- what this host runs
 def test_f16_on_this_cpu_is_emulated_with_a_reason(core: ov.Core) -> None:
     ran = measured_precision(core, "CPU", "f16")

@@ -213,15 +213,35 @@ def _shape_subgraph(model: ov.Model) -> set[str]:
     return shape
 
 
+def _weight_subgraph(model: ov.Model) -> set[str]:
+    """Names of ops computed from Constants only: weight decompression (int8/int4 Convert,
+    Subtract zero point, Multiply scale) and any other folding of weights.
+
+    Not activations: they hold no overflow, and a device decompresses them inside the
+    matmul/convolution kernel. Rounding or tapping them would stop the CPU plugin from
+    keeping the weights compressed and make it fold a full-size UNet's weights into f32 copies
+    (an int8 SDXL UNet ran out of 24 GiB that way).
+    """
+    weights: set[str] = set()
+    for node in model.get_ordered_ops():
+        sources = [v.get_node() for v in node.input_values()]
+        if node.get_type_name() != "Constant" and sources and all(
+                s.get_type_name() == "Constant" or s.get_name() in weights for s in sources):
+            weights.add(node.get_name())
+    return weights
+
+
 def rounding_ops(model: ov.Model) -> list[ov.Node]:
     """Ops whose f32 outputs the emulation rounds and activation_maxima taps, in order.
 
     Parameters and value-producing ops, minus shape arithmetic (`_shape_subgraph`):
-    sizes above 65504 must not become inf, and f16 runtimes keep those ops in f32.
+    sizes above 65504 must not become inf, and f16 runtimes keep those ops in f32; minus
+    ops on weights alone (`_weight_subgraph`; float Constants themselves are rounded by
+    `_round_weights`).
     """
-    shape = _shape_subgraph(model)
+    skip = _shape_subgraph(model) | _weight_subgraph(model)
     return [node for node in model.get_ordered_ops()
-            if node.get_name() not in shape and MARK not in node.get_friendly_name()
+            if node.get_name() not in skip and MARK not in node.get_friendly_name()
             and (node.get_type_name() == "Parameter"
                  or (not _skips_rounding(node) and any(_is_float(o) for o in node.outputs())))]
 
