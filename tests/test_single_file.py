@@ -124,3 +124,56 @@ def test_cache_keys_follow_the_single_file_and_every_lora(artifacts_root: Path, 
     assert all(scaled[c] != base[c] for c in ("unet", "text_encoder", "text_encoder_2"))
     assert all(other_file[c] != base[c] for c in ("unet", "text_encoder", "text_encoder_2"))
     assert keys(original, "keys-again") == base  # the recipe's name is not part of a component's key
+
+
+def _text_encoder_lora(folder: Path) -> Path:
+    """A rank-4 LoRA on the tiny text_encoder's attention (peft), B seeded so it is not a no-op."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    encoder = build_tiny_sdxl_pipeline(0).text_encoder
+    encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+    StableDiffusionXLPipeline.save_lora_weights(folder, text_encoder_lora_layers=layers, safe_serialization=True)
+    return folder / LORA_DIFFUSERS
+
+
+def test_a_text_encoder_lora_fuses_like_diffusers_and_refuses_the_wrong_target(
+        fixtures: dict[str, Path], tmp_path: Path) -> None:
+    from convert.errors import PatchError
+    from convert.fetch import FetchedSource
+    from convert.recipe import Lora
+    from convert.roles import SourceRole
+    from convert.single_file import fuse_lora
+
+    file = _text_encoder_lora(tmp_path)
+    fetched = FetchedSource(role=SourceRole.lora(0), path=tmp_path, commit="local", files=())
+    lora = Lora.model_validate({"source": {"local": {"path": str(tmp_path)}, "file": file.name},
+                                "scale": 0.7, "targets": ["text_encoder"]})
+    pipe = _load(fixtures)
+    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    fused = fuse_lora(pipe, lora, fetched)
+    layers = 4 * pipe.text_encoder.config.num_hidden_layers  # q, k, v, out of each encoder layer
+    assert fused.modules == {"text_encoder": layers}
+    ours = pipe.text_encoder.state_dict()
+    assert len([k for k in before if not torch.equal(before[k], ours[k])]) == layers
+    assert all(torch.equal(unet_before[k], v) for k, v in pipe.unet.state_dict().items())
+
+    reference = _load(fixtures)  # diffusers' own load + fuse, same scale
+    reference.load_lora_weights(str(tmp_path), weight_name=file.name, adapter_name="t")
+    reference.fuse_lora(lora_scale=0.7, components=["text_encoder"])
+    reference.unload_lora_weights()
+    theirs = reference.text_encoder.state_dict()
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+    wrong = Lora.model_validate({"source": {"local": {"path": str(tmp_path)}, "file": file.name}, "targets": ["unet"]})
+    with pytest.raises(PatchError, match=rf"also holds {layers} text_encoder LoRA layers, outside its targets"):
+        fuse_lora(_load(fixtures), wrong, fetched)
