@@ -59,7 +59,7 @@ schema: setup
     "{{bin}}/sdxl-convert" schema
 
 # full-size benchmarks into BENCHMARKS.json/.md (--steps: see --help; every step ~1.5 h, up to ~23 GiB RAM (optimum-cli);
-# --steps source,convert,gate,single-file,rebuild --runs ours-fp16,ours-int8 ~45 min, ~14 GiB, ~45 GiB disk);
+# --steps source,convert,gate,single-file,rebuild --runs ours-fp16,ours-int8: measured 29 min after the source, up to 19 GiB RAM, ~45 GiB disk);
 # --input tiny: smoke run of the same steps (~6 min), --render-only: re-render BENCHMARKS.md
 bench *args: setup
     "{{bin}}/python" scripts/bench.py {{args}}
