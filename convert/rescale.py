@@ -72,7 +72,7 @@ class RescalePlan:
 # ----------------------------------------------------------------------------- architecture
 
 
-def _sdxl_classes() -> tuple[type, type, type, type]:
+def _vae_block_classes() -> tuple[type, type, type, type]:
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -81,7 +81,7 @@ def _sdxl_classes() -> tuple[type, type, type, type]:
 
 def _check_architecture(coder: nn.Module, name: str) -> None:
     """Refuse what the invariance argument does not cover (time embeddings, scaled outputs, spatial norms)."""
-    resnet_cls, attention_cls, _, _ = _sdxl_classes()
+    resnet_cls, attention_cls, _, _ = _vae_block_classes()
     for path, module in coder.named_modules():
         where = f"vae.{name}.{path}"
         if isinstance(module, resnet_cls):
@@ -95,7 +95,7 @@ def _check_architecture(coder: nn.Module, name: str) -> None:
 
 
 def _resnets_and_attentions(coder: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
-    resnet_cls, attention_cls, _, _ = _sdxl_classes()
+    resnet_cls, attention_cls, _, _ = _vae_block_classes()
     resnets = [(p, m) for p, m in coder.named_modules() if isinstance(m, resnet_cls)]
     attentions = [(p, m) for p, m in coder.named_modules() if isinstance(m, attention_cls)]
     return resnets, attentions
@@ -109,7 +109,7 @@ def stream_writers(coder: nn.Module) -> list[nn.Module]:
 
 def stream_passers(coder: nn.Module) -> list[nn.Module]:
     """Layers that read the stream and write it back (linear in it): bias only."""
-    _, _, up_cls, down_cls = _sdxl_classes()
+    _, _, up_cls, down_cls = _vae_block_classes()
     resnets, _ = _resnets_and_attentions(coder)
     samplers = [m.conv for m in coder.modules() if isinstance(m, (up_cls, down_cls)) and isinstance(m.conv, nn.Conv2d)]
     return samplers + [r.conv_shortcut for _, r in resnets if r.conv_shortcut is not None]
