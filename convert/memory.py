@@ -22,13 +22,26 @@ WEIGHT_FILES: tuple[str, ...] = (".safetensors", ".bin")
 def release_memory(suffixes: Sequence[str] = WEIGHT_FILES) -> None:
     """Collect garbage, trim the heap, and unmap read pages of clean mappings of weight files."""
     gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc/Linux: nothing to trim
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    release_mapped_pages(suffixes)
+
+
+def release_mapped_pages(suffixes: Sequence[str] = WEIGHT_FILES) -> None:
+    """Only the mapped weight pages (~10 ms; `release_memory`'s garbage collection costs ~0.15 s more)."""
+    libc = _libc()
+    if libc is None:
         return
-    libc.malloc_trim(0)
     for start, end in clean_mappings(suffixes):
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc/Linux: nothing to trim or unmap
+        return None
 
 
 def clean_mappings(suffixes: Sequence[str] = WEIGHT_FILES, smaps: Path = Path("/proc/self/smaps")) -> list[tuple[int, int]]:

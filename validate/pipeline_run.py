@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from convert.memory import release_memory
+from convert.memory import release_mapped_pages, release_memory
 from validate.precision import EmulatedModel, ExecutionMode, compile_for, emulate
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class PartRequest:
         runner = self._compiled.get(key)
         if runner is None:
             runner = self._compiled[key] = compile_for(self.core, self.runnable, self.mode, arrays)
-            release_memory()  # the IR's mmapped weights, read once by the compile (the compiled copy stays)
+            release_mapped_pages()  # the IR's mmapped weights, read once by the compile (the compiled copy stays)
         result = runner.compiled.create_infer_request().infer({**arrays, **dict(runner.extra_inputs)})
         if not self.tap_names:
             return result
