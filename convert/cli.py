@@ -414,6 +414,9 @@ def _render_headline(console: Any, headline: Headline) -> None:
     for precision, e in headline.end_to_end.items():
         console.print(f"end to end {precision}: {e.non_finite}/{e.values} non-finite, min PSNR {e.min_psnr_db} "
                       f"dB, min SSIM {e.min_ssim} vs f32", highlight=False)
+    if headline.cpu:
+        console.print(f"gate ran on: {headline.cpu}; half precision {', '.join(headline.execution) or '-'}",
+                      highlight=False)
 
 
 def _render_result(result: Any, published: dict[str, Any] | None) -> None:

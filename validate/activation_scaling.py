@@ -307,6 +307,7 @@ def judge_factor(core: ov.Core, model: ov.Model, factor: float | None, inputs: l
     Passes when every output is finite, no f16 value comes within `min_headroom` of 65504,
     and `fidelity(output, reference)` (PSNR, dB) reaches `min_psnr_db` on every input.
     """
+    from validate.host import compile_on_host
     from validate.precision import Runner, activation_maxima, emulate, with_static_shapes
 
     graph = scale_activations(model, factor).model if factor is not None else model
@@ -314,8 +315,8 @@ def judge_factor(core: ov.Core, model: ov.Model, factor: float | None, inputs: l
     non_finite = total = 0
     worst: float | None = math.inf
     for x, ref in zip(inputs, references, strict=True):
-        compiled = core.compile_model(with_static_shapes(emulated.model, x), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        out = next(iter(Runner(compiled, emulated.extra_inputs)(x).values()))
+        compiled = compile_on_host(core, with_static_shapes(emulated.model, x), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        out = next(iter(Runner(compiled.compiled, emulated.extra_inputs)(x).values()))
         bad = int(np.count_nonzero(~np.isfinite(out)))
         non_finite, total = non_finite + bad, total + out.size
         worst = None if bad or worst is None else min(worst, fidelity(out, ref))

@@ -21,6 +21,7 @@ import numpy as np
 from convert.disk import is_no_space
 from convert.errors import ConvertError, ValidationError, first_line
 from convert.recipe import Recipe
+from validate.host import cpu_isa, openvino_version
 from validate.inputs import InputSet, denoised_set, image_set
 from validate.report import CheckResult, ValidationReport, save_png
 
@@ -106,6 +107,7 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
         thresholds={"max_non_finite": settings.max_non_finite, "min_psnr_db": settings.min_psnr_db},
         fit_checks=list(patched.checks),
         inputs={s.name: s.description for s in sets},
+        cpu=cpu_isa().describe(),
     )
     targets: list[tuple[str, Any]] = [("substituted" if "vae" in patched.substituted else "shipped", None)]
     if "vae" in patched.substituted and settings.check_original:
@@ -147,8 +149,10 @@ def stage_errors(what: str, bundle_dir: Path) -> Iterator[None]:
     except Exception as e:
         if is_no_space(e) or (isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(bundle_dir)):
             raise
-        raise ValidationError(f"{what}: validation could not run: {first_line(e)}",
-                              hint="run with -v for the traceback; the converters' output is in the build log") from e
+        raise ValidationError(f"{what}: validation could not run on this CPU ({cpu_isa().describe()}, OpenVINO "
+                              f"{openvino_version()}): {first_line(e)}",
+                              hint="run with -v for the traceback and report it with this line; the converters' "
+                                   "output is in the build log; a machine with another CPU may run the gate") from e
 
 
 def _input_of(part: str, s: InputSet) -> np.ndarray | None:

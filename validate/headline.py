@@ -98,6 +98,7 @@ class Headline:
     execution: tuple[str, ...] = ()  # how half precision ran: native / emulated
     submodels: Mapping[str, SubmodelVerdict] = field(default_factory=dict)
     end_to_end: Mapping[str, EndToEndVerdict] = field(default_factory=dict)
+    cpu: str | None = None  # the CPU ISA the gate ran on (validate.host); None in reports from before it was recorded
 
     def to_json(self) -> dict[str, Any]:
         """Numbers as computed (an exact match is float inf); report.json spells inf as "inf" itself."""
@@ -111,6 +112,8 @@ class Headline:
             out["max_abs_activation"] = self.max_abs_activation
             out["f16_headroom"] = self.f16_headroom
         out["execution"] = list(self.execution)
+        if self.cpu is not None:
+            out["cpu"] = self.cpu
         if self.submodels:
             out["submodels"] = {p: v.to_json() for p, v in self.submodels.items()}
         if self.end_to_end:
@@ -141,7 +144,11 @@ class Headline:
         execution = data["execution"]
         if not isinstance(execution, list) or not all(isinstance(e, str) for e in execution):
             raise MalformedHeadline(f"headline.execution: expected a list of strings, got {execution!r}")
+        cpu = data.get("cpu")
+        if cpu is not None and not isinstance(cpu, str):
+            raise MalformedHeadline(f"headline.cpu: expected a string, got {cpu!r}")
         return cls(
+            cpu=cpu,
             passed=data["passed"],
             vae=vae,
             original_vae=original,
@@ -155,7 +162,7 @@ class Headline:
         )
 
 
-_KEYS = ("passed", "max_abs_activation", "f16_headroom", "execution", "submodels", "end_to_end")
+_KEYS = ("passed", "max_abs_activation", "f16_headroom", "execution", "submodels", "end_to_end", "cpu")
 
 
 def vae_verdict(values: int, non_finite: int, psnrs: Sequence[float | None]) -> VaeVerdict:

@@ -27,6 +27,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from validate.host import MARK, compile_on_host, cpu_flags
 from validate.metrics import round_to
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ DATA_MOVEMENT = frozenset({
 # Producers whose bias Add is fused into them by runtimes (and by torch's addmm):
 # rounding happens once, after the Add.
 BIAS_FUSED = frozenset({"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"})
-MARK = "__emulated__"  # marks the nodes and inputs the emulation inserts
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class EmulatedModel:
     def infer(self, compiled_or_core: ov.CompiledModel | ov.Core, inputs: Inputs,
               device: str = "CPU") -> np.ndarray:
         """First output of one inference (compiling with an f32 hint if given a Core)."""
-        compiled = (compiled_or_core.compile_model(self.model, device, {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = (compile_on_host(compiled_or_core, self.model, device, {"INFERENCE_PRECISION_HINT": "f32"}).compiled
                     if isinstance(compiled_or_core, ov.Core) else compiled_or_core)
         return next(iter(Runner(compiled, self.extra_inputs)(inputs).values()))
 
@@ -120,15 +120,6 @@ class Runner:
 # ----------------------------------------------------------------- what really runs
 _HARDWARE = {"f16": ("avx512_fp16", "amx_fp16"), "bf16": ("avx512_bf16", "amx_bf16")}
 _measured: dict[tuple[str, str], str] = {}  # per process: the hardware does not change
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return frozenset(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
-    except OSError:
-        return frozenset()
 
 
 def measured_precision(core: ov.Core, device: str, hint: str) -> str:
@@ -402,7 +393,7 @@ def compile_for(core: ov.Core, model: ov.Model | EmulatedModel, mode: ExecutionM
     graph = model.model if isinstance(model, EmulatedModel) else model
     if inputs is not None:
         graph = with_static_shapes(graph, inputs)
-    compiled = core.compile_model(graph, mode.device, {"INFERENCE_PRECISION_HINT": mode.hint})
+    compiled = compile_on_host(core, graph, mode.device, {"INFERENCE_PRECISION_HINT": mode.hint}).compiled
     return Runner(compiled, model.extra_inputs if isinstance(model, EmulatedModel) else {})
 
 
@@ -467,8 +458,8 @@ def activation_maxima(core: ov.Core, model: ov.Model | EmulatedModel, inputs: In
         return {}
     first = len(clone.outputs)
     clone.add_results([ops.result(t) for _, t in taps])
-    compiled = core.compile_model(with_static_shapes(clone, inputs), device, {"INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
+    compiled = compile_on_host(core, with_static_shapes(clone, inputs), device, {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.compiled.create_infer_request()
     request.infer({**dict(inputs), **(dict(emulated.extra_inputs) if emulated else {})})
     maxima: dict[str, float] = {}
     for i, (group, _) in enumerate(taps):

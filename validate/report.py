@@ -58,6 +58,7 @@ class ValidationReport:
     image_limits: Thresholds | None = None
     figures: dict[str, str] = field(default_factory=dict)  # grid and headroom charts: png name -> caption
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the gate
+    cpu: str | None = None  # the CPU ISA the gate ran on, e.g. "AVX2 (16 vector registers)"
 
     @property
     def gating_checks(self) -> list[CheckResult]:
@@ -96,6 +97,7 @@ class ValidationReport:
             execution=tuple(sorted({c.execution.split(":")[0] for c in self.checks if c.precision != "f32"})),
             submodels=submodel_verdicts(self.submodels),
             end_to_end=end_to_end_verdicts(self.images),
+            cpu=self.cpu,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -151,6 +153,8 @@ class ValidationReport:
         modes = sorted({c.execution for c in self.checks if c.precision != "f32"})
         if modes:
             lines += ["", "How half precision ran:", ""] + [f"- {m}" for m in modes]
+        if self.cpu:
+            lines += ["", f"The gate ran on a CPU with {self.cpu}."]
         if self.samples:
             lines += [""] + [f"![{cap}]({image_dir}/{name})" for name, cap in self.samples.items()]
         if self.figures:

@@ -153,6 +153,7 @@ def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str
     On an EmulatedModel the taps see each value before it is rounded: where the format's
     range was first left. One tapped compile, one inference per call.
     """
+    from validate.host import compile_on_host
     from validate.precision import EmulatedModel, with_static_shapes
 
     if not calls:
@@ -161,8 +162,8 @@ def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str
     tapped, names = with_taps(emulated.model if emulated else model)
     first = len(tapped.outputs) - len(names)
     extra = dict(emulated.extra_inputs) if emulated else {}
-    compiled = core.compile_model(with_static_shapes(tapped, calls[0].inputs), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
+    static = with_static_shapes(tapped, calls[0].inputs)
+    request = compile_on_host(core, static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).compiled.create_infer_request()
     per_op: dict[str, float] = {}
     for call in calls:
         request.infer({**call.inputs, **extra})
