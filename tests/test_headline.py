@@ -65,6 +65,17 @@ def test_headline_json_keeps_its_keys_and_order() -> None:
                                         "execution", "submodels", "end_to_end"]
 
 
+def test_the_cpu_the_gate_ran_on_is_in_the_headline_and_reads_back() -> None:
+    """Issue 17: report.json, the card and --json say which ISA judged the build; older reports lack it."""
+    report = _report()
+    report.cpu = "AVX2 (16 vector registers)"
+    written = json.loads(json.dumps(report.to_json()))["headline"]
+    assert written["cpu"] == "AVX2 (16 vector registers)"
+    assert Headline.from_json(written).cpu == "AVX2 (16 vector registers)"
+    assert "The gate ran on a CPU with AVX2 (16 vector registers)." in report.to_markdown()
+    assert Headline.from_json(_report().headline().to_json()).cpu is None
+
+
 def test_report_json_headline_reads_back_equal_even_with_infinity() -> None:
     report = ValidationReport([_check(psnr_db=math.inf)], LIMITS)
     written = json.loads(json.dumps(report.to_json(), allow_nan=False))["headline"]
@@ -83,6 +94,7 @@ def test_report_json_headline_reads_back_equal_even_with_infinity() -> None:
     (lambda h: h["submodels"].update(f8={}), "headline.submodels.f8: not a precision (f32, f16, bf16)"),
     (lambda h: h["end_to_end"]["f16"].update(min_ssim=[1]), "headline.end_to_end.f16.min_ssim: expected a number or null, got [1]"),
     (lambda h: h.pop("f16_headroom"), "headline: max_abs_activation and f16_headroom come together or not at all"),
+    (lambda h: h.update(cpu=16), "headline.cpu: expected a string, got 16"),
 ])
 def test_a_malformed_headline_is_refused_naming_the_key(change, message: str) -> None:
     data = _report().headline().to_json()
@@ -110,6 +122,14 @@ def test_a_reused_bundle_with_an_unreadable_report_fails_in_one_line(tiny_build,
     (copy / REPORT).write_text("{}")
     with pytest.raises(PackageError, match=r"report.json cannot be read back: headline: missing;"):
         read_headline(copy)
+
+
+def test_a_build_names_the_cpu_its_gate_ran_on(tiny_build) -> None:  # type: ignore[no-untyped-def]
+    from validate.host import cpu_isa
+
+    assert tiny_build.headline is not None and tiny_build.headline.cpu == cpu_isa().describe()
+    assert read_headline(tiny_build.bundle).cpu == cpu_isa().describe()
+    assert tiny_build.to_json()["validation"]["cpu"] == cpu_isa().describe()
 
 
 def test_card_metadata_quotes_the_headline_json(tiny_build) -> None:

@@ -89,6 +89,12 @@ def cpu_isa() -> CpuIsa:
     return isa_of(_cpuid_features(), cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
+def first_line_of(error: BaseException | None) -> str:
+    """The last line of OpenVINO's multi-line message: the check that failed."""
+    lines = str(error or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def openvino_version() -> str:
     """OpenVINO's version string, for error lines (its snippets and ISA support change between releases)."""
     import openvino
@@ -127,6 +133,17 @@ def bounded_form(graph: ov.Model) -> ov.Model | None:
     return bounded
 
 
+# Per process, like the CPU itself: emulated graphs (named by their NaN guards, which a tapped copy
+# shares) whose fused form ran out of registers here. The gate compiles the same submodel several
+# times (replay, taps, end to end); a failed fused compile of the full-size UNet costs ~45 s of
+# compile on AVX2 (16-core Xeon), so it is paid once per submodel, not per compile.
+_NEEDS_BOUNDED: set[int] = set()
+
+
+def _guard_key(graph: ov.Model) -> int:
+    return hash(frozenset(node.get_friendly_name() for node in nan_guards(graph)))
+
+
 @dataclass(frozen=True)
 class HostCompiled:
     """A compiled gate graph and how it had to be compiled on this CPU (None: as given)."""
@@ -141,12 +158,15 @@ def compile_on_host(core: ov.Core, graph: ov.Model, device: str, config: Mapping
     Only the register-pool error is retried: any other error, or one on a device other than
     the CPU, propagates as it is.
     """
-    try:
-        return HostCompiled(core.compile_model(graph, device, dict(config)))
-    except RuntimeError as e:
-        if not (device.startswith("CPU") and is_register_pool_error(e)):
-            raise
-        first = e
+    known = bool(_NEEDS_BOUNDED) and device.startswith("CPU") and _guard_key(graph) in _NEEDS_BOUNDED
+    first: RuntimeError | None = None
+    if not known:
+        try:
+            return HostCompiled(core.compile_model(graph, device, dict(config)))
+        except RuntimeError as e:
+            if not (device.startswith("CPU") and is_register_pool_error(e)):
+                raise
+            first = e
     isa = cpu_isa().describe()
     bounded = bounded_form(graph)
     if bounded is not None:
@@ -155,11 +175,14 @@ def compile_on_host(core: ov.Core, graph: ov.Model, device: str, config: Mapping
         except RuntimeError as e:
             if not is_register_pool_error(e):
                 raise
+            first = first or e
         else:
-            log.info("%s: fused f16 emulation needs more vector registers than %s has; compiled with "
-                     "unfused NaN guards", graph.get_friendly_name(), isa)
+            if not known:
+                _NEEDS_BOUNDED.add(_guard_key(graph))
+                log.info("%s: fused f16 emulation needs more vector registers than %s has; compiled with "
+                         "unfused NaN guards", graph.get_friendly_name(), isa)
             return HostCompiled(compiled, "unfused NaN guards")
-    log.warning("%s: snippets need more vector registers than %s has (%s); compiling with "
-                "SNIPPETS_MODE=DISABLE", graph.get_friendly_name(), isa, str(first).strip().splitlines()[-1])
+    log.warning("%s: snippets need more vector registers than %s has, even with unfused NaN guards; compiling "
+                "with SNIPPETS_MODE=DISABLE (%s)", graph.get_friendly_name(), isa, first_line_of(first))
     compiled = core.compile_model(bounded or graph, device, {**dict(config), "SNIPPETS_MODE": "DISABLE"})
     return HostCompiled(compiled, "snippets disabled")
