@@ -41,6 +41,9 @@ ENTRY_INFO = "entry.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: This tool's modules whose code shapes an exported IR: a change to them invalidates every entry.
 _EXPORT_CODE = ("export.py", "export_worker.py", "optimum_compat.py", "patch.py", "families")
+#: ... and what shapes a VAE part rescaled in the patch stage (fp16_fix: rescale): the rescale itself and
+#: the photos it measures activations on.
+_RESCALE_CODE = ("rescale.py", "fp16fix.py", "../validate/inputs.py")
 
 
 def cache_dir(flag: Path | None, artifacts: Path) -> Path:
@@ -51,13 +54,13 @@ def cache_dir(flag: Path | None, artifacts: Path) -> Path:
     return Path(env) if env else artifacts / "cache"
 
 
-def export_code_digest() -> str:
+def export_code_digest(names: tuple[str, ...] = _EXPORT_CODE) -> str:
     root = Path(__file__).resolve().parent
-    files = sorted(p for name in _EXPORT_CODE for p in ([root / name] if (root / name).is_file()
-                                                         else (root / name).rglob("*.py")))
+    files = sorted(p.resolve() for name in names for p in ([root / name] if (root / name).is_file()
+                                                           else (root / name).rglob("*.py")))
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        digest.update(os.path.relpath(path, root).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -108,6 +111,9 @@ def key_inputs(resolution: Resolution) -> dict[str, dict[str, Any]]:
             "tools": dict(sorted(resolution.tool_versions.items())),
             "export_code": code,
         }
+        if recipe.fp16_fix_for(name) == "rescale":  # the exported weights are the rescaled ones
+            inputs[name]["rescale"] = {"validation": recipe.validation.model_dump(mode="json"),
+                                       "code": export_code_digest(_RESCALE_CODE)}
     return inputs
 
 

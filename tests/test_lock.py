@@ -162,3 +162,42 @@ def test_cache_keys_move_only_for_the_components_whose_inputs_moved(
         mp.setattr(resolve, "tool_versions", lambda: real() | {"optimum-intel": "99.0"})
         after_tools = _keys(edited, tmp_path, capsys)
     assert all(after_tools[c] != after_unet[c] for c in before)
+
+
+def test_cache_keys_of_a_rescaled_vae_follow_the_settings_and_code_that_shape_it(
+        tiny_sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: fp16_fix rescale exports weights rescaled from the validation photos at the recipe's
+    headroom; two recipes differing only there must not share a VAE entry (one shipped the other's VAE)."""
+    import shutil
+
+    from convert import component_cache
+
+    def recipe(name: str, validation: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"schema_version: 1\nname: {name}\nbase: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n"
+                        "components:\n  vae_decoder: {weights: fp16, fp16_fix: rescale}\n"
+                        "  vae_encoder: {weights: fp16, fp16_fix: rescale}\n"
+                        f"target: {{device: GPU, inference_precision: [f16]}}\nvalidation: {{{validation}}}\n")
+        return path
+
+    base = _keys(recipe("a", "min_f16_headroom: 4"), tmp_path, capsys)
+    vae = {"vae_decoder", "vae_encoder"}
+    for name, validation in (("headroom", "min_f16_headroom: 256"), ("photos", "images: [astronaut]"),
+                             ("size", "resolution: 128"), ("small", "small_resolution: 16")):
+        moved = _keys(recipe(name, validation if "headroom" in validation else f"min_f16_headroom: 4, {validation}"),
+                      tmp_path, capsys)
+        assert {c for c in base if base[c] != moved[c]} == vae, validation
+
+    # the rescale code: a copy of the tool whose rescale.py differs moves the VAE keys only
+    copy = tmp_path / "tool"
+    shutil.copytree(Path(component_cache.__file__).parents[1] / "convert", copy / "convert")
+    shutil.copytree(Path(component_cache.__file__).parents[1] / "validate", copy / "validate")
+    monkeypatch.setattr(component_cache, "__file__", str(copy / "convert" / "component_cache.py"))
+    same = _keys(recipe("a", "min_f16_headroom: 4"), tmp_path, capsys)
+    assert same == base
+    for edited in ("convert/rescale.py", "convert/fp16fix.py", "validate/inputs.py"):
+        (copy / edited).write_text((copy / edited).read_text() + "\n# changed\n")
+        moved = _keys(recipe("a", "min_f16_headroom: 4"), tmp_path, capsys)
+        assert {c for c in same if same[c] != moved[c]} == vae, edited
+        same = moved
