@@ -7,7 +7,7 @@ scripts/emulation_cost.py). Builds the SDXL-shaped UNet (fp16 weights, seeded) a
 VAE decoder from convert/testing, then times each (part, ISA, form) in its own process.
 
 On the device (see ../shared/notes/device.md; wheels in the git-ignored .device/wheels):
-    python3 scripts/device_isa_cost.py all "$OUT" [native|AVX2]
+    python3 scripts/device_isa_cost.py all "$OUT" [native|AVX2]... [PART]...
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / ".device" / "site"
 sys.path[:0] = [str(SITE), str(ROOT)]
 
-SHAPES = {"unet": 128, "vae_decoder": 128}  # latent side: 1024x1024 images
+SHAPES = {"unet": 128, "vae_decoder": 128, "vae_encoder": 1024, "text_encoder": 77, "text_encoder_2": 77}
+# latent side 128 / image side 1024: 1024x1024 images; text encoders: one CFG pair of 77-token prompts
 
 
 def setup() -> None:
@@ -59,6 +60,37 @@ def build(out: Path) -> None:
                                      input=[("latent_sample", [-1, 4, -1, -1])])
         ov.save_model(model, out / "vae_decoder.xml")
         del vae, model
+    if not (out / "vae_encoder.xml").exists():
+        vae = fix_vae_for_fp16(build_overflow_vae("full", 0)).eval()
+
+        class Encoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.vae = vae
+
+            def forward(self, sample: torch.Tensor) -> torch.Tensor:
+                return self.vae.encode(sample).latent_dist.mean
+
+        with torch.no_grad():
+            model = ov.convert_model(Encoder(), example_input=torch.randn(1, 3, 128, 128),
+                                     input=[("sample", [-1, 3, -1, -1])])
+        ov.save_model(model, out / "vae_encoder.xml")
+        del vae, model
+    for name, projection in (("text_encoder", False), ("text_encoder_2", True)):
+        if (out / f"{name}.xml").exists():
+            continue
+        from types import SimpleNamespace
+
+        from convert.testing.sdxl import _text_encoder
+
+        ids = SimpleNamespace(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)  # CLIP's; timing only
+        shape = getattr(_PIPELINE_SHAPES["full"], name)
+        encoder = _text_encoder(shape, ids, projection, 0, torch.float32).eval()  # type: ignore[arg-type]
+        encoder.config.return_dict = False
+        with torch.no_grad():
+            model = ov.convert_model(encoder, example_input={"input_ids": torch.ones(2, 77, dtype=torch.int64)})
+        ov.save_model(model, out / f"{name}.xml")
+        del encoder, model
     if not (out / "unet.xml").exists():
         from diffusers import UNet2DConditionModel
 
@@ -104,8 +136,11 @@ def measure(xml: Path, part: str, form: str) -> dict:  # type: ignore[type-arg]
     core = ov.Core()
     model = core.read_model(xml)
     side = SHAPES[part]
-    feed = (_unet_inputs(side) if part == "unet"
-            else {"latent_sample": np.random.default_rng(0).standard_normal((1, 4, side, side)).astype(np.float32)})
+    rng = np.random.default_rng(0)
+    feed = {"unet": lambda: _unet_inputs(side),
+            "vae_decoder": lambda: {"latent_sample": rng.standard_normal((1, 4, side, side)).astype(np.float32)},
+            "vae_encoder": lambda: {"sample": rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)},
+            }.get(part, lambda: {model.inputs[0].get_any_name(): rng.integers(0, 49000, (2, side)).astype(np.int64)})()
     extra: dict = {}  # type: ignore[type-arg]
     if form != "f32":
         emulated = emulate(model, "f16")
@@ -126,13 +161,13 @@ def measure(xml: Path, part: str, form: str) -> dict:  # type: ignore[type-arg]
             "non_finite": int(np.count_nonzero(~np.isfinite(out)))}
 
 
-def run_all(out: Path, isas: list[str | None]) -> None:
+def run_all(out: Path, isas: list[str | None], parts: list[str]) -> None:
     setup()
     models = ROOT / ".device" / "models"  # kept on the machine between calls; too big to come back in $OUT
     subprocess.run([sys.executable, __file__, "build", str(models)], check=True)
     rows = []
     for isa in isas:
-        for part in SHAPES:
+        for part in parts:
             for form in ("f32", "f16"):
                 env = {**os.environ} | ({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
                 done = subprocess.run([sys.executable, __file__, "measure", str(models / f"{part}.xml"), part, form],
@@ -151,5 +186,6 @@ if __name__ == "__main__":
     elif command == "measure":
         print(json.dumps(measure(Path(sys.argv[2]), sys.argv[3], sys.argv[4])))
     else:
-        wanted = sys.argv[3:] or ["native", "AVX2"]
-        run_all(Path(sys.argv[2]), [None if isa == "native" else isa for isa in wanted])
+        wanted = [a for a in sys.argv[3:] if a not in SHAPES] or ["native", "AVX2"]
+        parts = [a for a in sys.argv[3:] if a in SHAPES] or list(SHAPES)
+        run_all(Path(sys.argv[2]), [None if isa == "native" else isa for isa in wanted], parts)

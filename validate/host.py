@@ -89,8 +89,8 @@ def cpu_isa() -> CpuIsa:
     return isa_of(_cpuid_features(), cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
-def first_line_of(error: BaseException | None) -> str:
-    """The last line of OpenVINO's multi-line message: the check that failed."""
+def failed_check(error: BaseException | None) -> str:
+    """The check that failed: the last line of OpenVINO's multi-line message."""
     lines = str(error or "").strip().splitlines()
     return lines[-1] if lines else ""
 
@@ -183,6 +183,6 @@ def compile_on_host(core: ov.Core, graph: ov.Model, device: str, config: Mapping
                          "unfused NaN guards", graph.get_friendly_name(), isa)
             return HostCompiled(compiled, "unfused NaN guards")
     log.warning("%s: snippets need more vector registers than %s has, even with unfused NaN guards; compiling "
-                "with SNIPPETS_MODE=DISABLE (%s)", graph.get_friendly_name(), isa, first_line_of(first))
+                "with SNIPPETS_MODE=DISABLE (%s)", graph.get_friendly_name(), isa, failed_check(first))
     compiled = core.compile_model(bounded or graph, device, {**dict(config), "SNIPPETS_MODE": "DISABLE"})
     return HostCompiled(compiled, "snippets disabled")
