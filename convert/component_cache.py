@@ -13,8 +13,9 @@ The key of a submodel hashes its inputs' content, never a path or "a file exists
 All of it is known after resolve (metadata calls only), so `cache-key` and `rebuild` can compute
 keys without downloading anything. An entry is written in a private temporary folder and
 renamed into place: a killed build never leaves half an entry; a concurrent writer of the same
-key simply loses the rename race. Entries are reused by hard link (copy across file systems)
-after their recorded sha256s check out, so a tampered or truncated entry is re-exported.
+key simply loses the rename race. Entries are reused by copy (a reflink where the file system
+can), never by link, and the copies are checked against the recorded sha256s, so a tampered or
+truncated entry is re-exported and a bundle never changes when the cache does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.hub import file_sha256
+from convert.readback import UnreadableFile, copy_file, is_regular_file, read_json, safe_relative
 from convert.resolve import Resolution
 from convert.roles import SourceRole
 
@@ -151,21 +154,33 @@ class ComponentCache:
         return self.root / key[:2] / key
 
     def restore(self, key: str, dest: Path) -> bool:
-        """Link an entry's files into `dest` (an empty submodel folder); False on a miss or a bad entry."""
+        """Copy an entry's files into `dest` (an empty submodel folder); False on a miss or a bad entry.
+
+        The entry is input, not a trusted store: its file names must be plain relative paths, its
+        files regular files (no links out), and the copies, not the cache's files, are checked
+        against the recorded sha256s. A bad entry is removed and `dest` left empty.
+        """
         entry = self.entry(key)
-        try:
-            info = json.loads((entry / ENTRY_INFO).read_text())
-            files: dict[str, str] = info["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+        if not (entry / ENTRY_INFO).exists():
             return False
-        for rel, sha in files.items():
-            if not (entry / "files" / rel).is_file() or file_sha256(entry / "files" / rel) != sha:
-                log.warning("component cache entry %s is damaged (%s); re-exporting", entry, rel)
-                shutil.rmtree(entry, ignore_errors=True)
-                return False
+        files = _entry_files(entry)
+        problem = "its entry.json does not list files as this tool writes them" if files is None else None
         dest.mkdir(parents=True, exist_ok=True)
-        for rel in files:
-            _link_or_copy(entry / "files" / rel, dest / rel)
+        for rel, sha in (files or {}).items():
+            if problem:
+                break
+            source = entry / "files" / rel
+            if not is_regular_file(source):
+                problem = f"{rel} is not a regular file"
+                break
+            copy_file(source, dest / rel)
+            if file_sha256(dest / rel) != sha:
+                problem = f"{rel} differs from its recorded sha256"
+        if problem:
+            log.warning("component cache entry %s is damaged (%s); re-exporting", entry, problem)
+            shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(dest, ignore_errors=True)  # nothing of the bad entry reaches the bundle
+            return False
         return True
 
     def store(self, key: str, source: Path, inputs: dict[str, Any]) -> None:
@@ -177,7 +192,7 @@ class ComponentCache:
         try:
             files = {p.relative_to(source).as_posix(): p for p in sorted(source.rglob("*")) if p.is_file()}
             for rel, path in files.items():
-                _link_or_copy(path, tmp / "files" / rel)
+                copy_file(path, tmp / "files" / rel)  # never a link: the staged file becomes the bundle's
             info = {"key": key, "inputs": inputs, "files": {rel: file_sha256(p) for rel, p in files.items()}}
             (tmp / ENTRY_INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -196,9 +211,16 @@ class ComponentCache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _link_or_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _entry_files(entry: Path) -> dict[str, str] | None:
+    """The {relative name: sha256} an entry.json lists, or None where it is not what `store` writes."""
     try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
+        info = read_json(entry / ENTRY_INFO, limit=2**20)
+    except (OSError, UnreadableFile):
+        return None
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, dict) or not files:
+        return None
+    sha = re.compile(r"[0-9a-f]{64}")
+    if not all(safe_relative(rel) and isinstance(h, str) and sha.fullmatch(h) for rel, h in files.items()):
+        return None
+    return files
