@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convert.errors import FetchError, PackageError
+from convert.readback import read_json
 from convert.resolve import Resolution, ResolvedSource
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def write_lock(path: Path, document: dict[str, Any]) -> None:
 
 def read_lock(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except FileNotFoundError:
         raise FetchError(f"no lock file {path}", hint="create it with `sdxl-convert lock <recipe>`") from None
     except (OSError, ValueError) as e:

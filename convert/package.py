@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from convert.errors import PackageError
+from convert.readback import UnreadableFile, read_json
 from convert.recipe import Recipe
 from convert.resolve import Resolution, file_sha256
 from convert.roles import SourceRole
@@ -58,12 +59,12 @@ def verify(folder: Path) -> list[str]:
     if not path.is_file():
         return [f"{path}: no manifest"]
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
         listed: dict[str, dict[str, Any]] = manifest["files"]
         if not isinstance(manifest["build_id"], str) or not isinstance(listed, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys()
                                                    for e in listed.values()):
             raise TypeError("'files' must map each path to its size and sha256")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnreadableFile, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         return [f"{path}: unreadable manifest ({e})"]
     problems = []
     for rel, entry in listed.items():

@@ -22,6 +22,7 @@ from convert import staging as staging_mod
 from convert.capture import redirect_output
 from convert.errors import ConvertError, InternalError, PublishError, RecipeError, ValidationFailed
 from convert.lockfile import diff_locks
+from convert.readback import read_json
 from convert.recipe import Recipe
 from convert.resolve import Resolution, resolve
 from convert.workspace import Workspace
@@ -81,13 +82,11 @@ def published_changes(repo: str, head: str | None, resolution: Resolution) -> li
     """What differs from the build at the repo's head (its build.json's lock): one small download."""
     if head is None:
         return ["not published yet"]
-    import json
-
     from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(repo, "build.json", revision=head)
-        lock = json.loads(Path(path).read_text())["lock"]
+        lock = read_json(Path(path))["lock"]
     except Exception as e:  # a repo published by hand, or an older build.json: the build still runs
         log.info("no readable build.json at %s@%s: %s", repo, head, e)
         return ["the published head has no readable build.json"]

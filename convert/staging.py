@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convert.errors import BusyError
+from convert.readback import read_json
 from convert.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Owner:
     @classmethod
     def read(cls, path: Path) -> Owner | None:
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path, limit=2**16)
             return cls(int(data["pid"]), str(data["host"]), data.get("started"))
         except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -147,3 +147,30 @@ def test_plain_relative_names_are_kept() -> None:
 
     assert safe_relative("openvino_model.bin") == "openvino_model.bin"
     assert safe_relative("sub/openvino_model.xml") == "sub/openvino_model.xml"
+
+
+@pytest.mark.parametrize("kind", ["huge", "fifo", "directory"])
+def test_records_read_back_are_read_bounded_from_regular_files(tmp_path: Path, kind: str) -> None:
+    """Lock files, owner.json, manifests, cache entries: /dev/zero, a FIFO or a folder fails at once."""
+    from convert.readback import UnreadableFile, read_json
+
+    path = tmp_path / "record.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises((UnreadableFile, IsADirectoryError)):
+        read_json(path)
+
+
+def test_a_lock_file_that_is_a_device_is_one_line_exit_3(tmp_path: Path, tiny_sources: dict[str, Path],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = _recipe(tmp_path, tiny_sources)
+    recipe.with_name("cache-trust.lock.json").symlink_to("/dev/zero")
+    code = main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe), "--locked"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot read the lock file {tmp_path / 'cache-trust.lock.json'} (")
+    assert "not a regular file" in err[0] and not (tmp_path / "art" / "cache-trust").exists()
