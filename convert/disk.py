@@ -9,6 +9,7 @@ safetensors headers (exact parameter counts) and the recipe's weight format per 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
 import shutil
@@ -48,8 +49,10 @@ def keep_free_bytes(environ: Mapping[str, str] = os.environ) -> int:
     try:
         value = float(raw)
     except ValueError:
-        raise UsageError(f"{KEEP_FREE_ENV}={raw!r} is not a number of GiB", hint="unset it or give e.g. 10") from None
-    return max(0, int(value * GIB))
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{KEEP_FREE_ENV}={raw!r} is not a number of GiB (0 or more)", hint="unset it or give e.g. 10")
+    return int(value * GIB)
 
 
 def gib(n: int) -> str:

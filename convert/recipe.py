@@ -30,6 +30,7 @@ from convert.errors import RecipeError
 from convert.families import FAMILIES, PipelineFamily, get_family
 from convert.recipe_rules import (
     MAX_DENOISE_STEPS,
+    MAX_SEED,
     SAMPLE_IMAGES,
     VAE_SCALE_FACTOR,
     HubRepoId,
@@ -37,6 +38,7 @@ from convert.recipe_rules import (
     SubFolder,
     Variant,
     card_tag,
+    distinct,
     generator_name,
     git_revision,
     image_side,
@@ -232,10 +234,10 @@ class NNCFSettings(_Strict):
 class ComponentSettings(_Strict):
     weights: WeightFormat = Field(default="fp32", description="Weight format of the exported IR.")
     nncf: NNCFSettings | None = Field(default=None, description="NNCF knobs for int8/int4 weights.")
-    inference_precision: list[Precision] | None = Field(
+    inference_precision: Annotated[list[Precision] | None, AfterValidator(distinct)] = Field(
         default=None,
         min_length=1,
-        description="Precisions the target device runs this component at; default: target.inference_precision.",
+        description="Precisions the target device runs this component at, each once; default: target.inference_precision.",
     )
     runtime_options: Annotated[dict[str, str], AfterValidator(ov_properties)] = Field(
         default_factory=dict, description="Extra keys written to the IR's rt_info runtime_options (e.g. ACTIVATIONS_SCALE_FACTOR)."
@@ -260,10 +262,10 @@ class ComponentSettings(_Strict):
 
 class Target(_Strict):
     device: Device = Field(default="GPU", description="Device the bundle is built for.")
-    inference_precision: list[Precision] = Field(
+    inference_precision: Annotated[list[Precision], AfterValidator(distinct)] = Field(
         default_factory=lambda: ["f16"],
         min_length=1,
-        description="Precisions the device runs at (GPU: f16; recent Xeons: bf16/f16; older CPUs: f32).",
+        description="Precisions the device runs at, each once (GPU: f16; recent Xeons: bf16/f16; older CPUs: f32).",
     )
 
 
@@ -282,7 +284,8 @@ class EndToEndSettings(_Strict):
     guidance_scale: float = Field(
         default=5.0, gt=1.0, description="Classifier-free guidance scale (> 1, so the UNet runs a batch of 2, as in use)."
     )
-    seed: int = Field(default=0, description="Seed of the first prompt; prompt i uses seed + i.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED - 7, description="Seed of the first prompt; prompt i uses "
+                      "seed + i, and every seed must fit 32 bits: 0 .. 2^32-8.")
     resolution: Annotated[int, AfterValidator(image_side)] | None = Field(
         default=None, description="Image side; default validation.resolution, else the pipeline's native size."
     )

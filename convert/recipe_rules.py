@@ -168,7 +168,33 @@ def ov_properties(value: dict[str, str]) -> dict[str, str]:
                              "like ACTIVATIONS_SCALE_FACTOR)")
         if _unprintable(option):
             raise ValueError(f"{key}: the value must be one line of printable text")
+        if key in _POSITIVE_NUMBER_PROPERTIES and not _positive_number(option):
+            raise ValueError(f"{key}: {short(option)!r} is not a positive number (e.g. 8 or 128.0)")
     return value
+
+
+#: runtime_options that OpenVINO parses as numbers when it compiles the IR (found late otherwise: after the export)
+_POSITIVE_NUMBER_PROPERTIES = frozenset({"ACTIVATIONS_SCALE_FACTOR"})
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        number = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(number) and number > 0
+
+
+MAX_SEED = 2**32 - 1  # numpy and the schedulers' generators take 32-bit seeds
+
+
+def distinct(values: list[Any] | None) -> list[Any] | None:
+    """A list given in a recipe must not name the same thing twice (every check would run twice)."""
+    if values is not None:
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once; name each once")
+    return values
 
 
 Slug = Annotated[str, AfterValidator(slug)]

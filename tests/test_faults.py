@@ -522,12 +522,14 @@ def test_space_estimate_of_the_real_sdxl_bundle_is_close_and_never_under() -> No
         assert measured_gib <= estimate <= measured_gib * 1.15, (weights["unet"], estimate)
 
 
+@pytest.mark.parametrize("raw", ["lots", "nan", "inf", "-1"])
 def test_malformed_keep_free_reserve_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", "lots")
+                                                      monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", raw)
     path = write_recipe(tmp_path, "reserve-typo", f"base: {{{GENERATED_BASE}}}\n")
     assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 64
-    assert one_error_line(capsys) == "error: SDXL_CONVERT_KEEP_FREE_GIB='lots' is not a number of GiB; unset it or give e.g. 10"
+    assert one_error_line(capsys) == (f"error: SDXL_CONVERT_KEEP_FREE_GIB={raw!r} is not a number of GiB (0 or more); "
+                                      "unset it or give e.g. 10")
     assert_nothing_written(tmp_path / "art", "reserve-typo")
 
 

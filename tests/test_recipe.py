@@ -45,6 +45,10 @@ def test_real_recipe_pins_hub_sources() -> None:
         ("not_yaml.yaml", "not valid YAML"),
         ("nncf_on_fp16.yaml", "'nncf' settings need weights int8 or int4, not fp16"),
         ("bad_repo_id.yaml", "'stable-diffusion-xl-base-1.0' is not a Hub repo id; write it as 'owner/name'"),
+        ("duplicate_precision.yaml", "line 4: target.inference_precision: lists f16 more than once; name each once"),
+        ("seed_too_big.yaml", "line 5: validation.end_to_end.seed: Input should be less than or equal to 4294967288"),
+        ("scale_factor_text.yaml", "line 5: components.vae_decoder.runtime_options: ACTIVATIONS_SCALE_FACTOR: 'abc' is "
+                                   "not a positive number (e.g. 8 or 128.0)"),
     ],
 )
 def test_bad_recipe_messages(file: str, expected: str) -> None:
@@ -129,3 +133,15 @@ def test_loading_a_recipe_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("file", ["duplicate_precision.yaml", "seed_too_big.yaml", "scale_factor_text.yaml"])
+def test_values_found_late_before_are_refused_at_load_by_the_cli(file: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19: these passed the plan and failed after the export (exit 6 or an internal error)."""
+    from convert.cli import main
+
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(BAD / file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {BAD / file}: line "), err
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").rglob("*.xml"))
