@@ -297,9 +297,8 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 def _render_rebuild(outcomes: list[Any]) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table("recipe", "result", "what changed", "time")
+    table = _table("recipe", "result", "what changed", "time")
     for o in outcomes:
         what = "; ".join(o.changed) if o.status == "rebuilt" else o.message
         if o.status == "rebuilt" and o.reused_components:
@@ -379,8 +378,15 @@ def _publish_line(result: dict[str, Any]) -> str:
     return f"published to {result['repo']} at {result['commit']} (tag {result['tag']})"
 
 
+def _table(*headers: str, title: str | None = None) -> Any:
+    """A rich table whose cells fold on a narrow terminal instead of ending in an ellipsis
+    (COLUMNS=20 cut text_encoder and text_encoder_2 both to 'te…')."""
+    from rich.table import Column, Table
+
+    return Table(*(Column(h, overflow="fold") for h in headers), title=title)
+
+
 def _render_plan(plan: Any) -> None:
-    from rich.table import Table
 
     console = _console()
     console.print(f"[bold]Plan for {plan.recipe.name}[/] ({plan.recipe_path})")
@@ -390,7 +396,7 @@ def _render_plan(plan: Any) -> None:
     for s in plan.sources:
         pinned = s.commit or f"[yellow]{escape(s.note)}[/]"
         console.print(f"  {s.role}: {escape(s.source)}\n      -> {pinned}", highlight=False, soft_wrap=True)
-    comps = Table("component", "weights", "runs at", "runtime options", title=f"Components (target {plan.recipe.target.device})")
+    comps = _table("component", "weights", "runs at", "runtime options", title=f"Components (target {plan.recipe.target.device})")
     for c in plan.components:
         comps.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-",
                       ", ".join(f"{k}={v}" for k, v in c.runtime_options.items()) or "-")
@@ -420,12 +426,11 @@ def _render_headline(console: Any, headline: Headline) -> None:
 
 
 def _render_result(result: Any, published: dict[str, Any] | None) -> None:
-    from rich.table import Table
 
     console = _console()
     headline = result.headline
     console.print(f"[bold]{'Reused' if result.reused else 'Built'}[/] {result.bundle}", highlight=False, soft_wrap=True)
-    table = Table("component", "weights", "runs at")
+    table = _table("component", "weights", "runs at")
     for c in result.components:
         table.add_row(c.name, c.weights, ", ".join(c.inference_precision) or "-")
     console.print(table)

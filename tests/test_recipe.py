@@ -145,3 +145,16 @@ def test_values_found_late_before_are_refused_at_load_by_the_cli(file: str, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {BAD / file}: line "), err
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").rglob("*.xml"))
+
+
+def test_a_narrow_terminal_folds_the_plan_instead_of_cutting_names(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """COLUMNS=20 cut text_encoder and text_encoder_2 both to 'te…', int8 and int4 both to 'in…'."""
+    from convert.cli import main
+
+    monkeypatch.setenv("COLUMNS", "20")
+    assert main(["convert", "tiny-sdxl-fp16fix", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    cells = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") >= 4]
+    assert "text_encoder_2" in "".join(cells)
