@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_USAGE = 64  # argparse-level mistakes (UsageError); errors use ConvertError.exit_code (1..8, 75)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; SIGTERM and SIGHUP exit 128 + their number
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 log = logging.getLogger("convert")
 
@@ -50,12 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"status": "error", "error": name, "message": message, "exit_code": code}))
         _console(stderr=True).print(message, highlight=False)
         return code
+    except BrokenPipeError:  # `... --json | head`: whatever was done is done; say so once, on stderr
+        _silence_stdout()
+        _console(stderr=True).print("stdout was closed before the output was written (broken pipe)", highlight=False)
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # a bug (ours or a library's) still ends in one line and, with --json, a document
         if verbose:
             log.error("unexpected error", exc_info=e)
         return _fail(InternalError.of(e), False, as_json)
     finally:
         _restore_signals(previous)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (tests capture it): nothing to flush there
+        pass
+    finally:
+        os.close(devnull)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -158,3 +158,17 @@ def test_a_narrow_terminal_folds_the_plan_instead_of_cutting_names(monkeypatch: 
     assert "…" not in out
     cells = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") >= 4]
     assert "text_encoder_2" in "".join(cells)
+
+
+def test_json_into_a_closed_pipe_is_one_line_not_two_tracebacks() -> None:
+    """`sdxl-convert ... --json | head -0`: exit 141 (128 + SIGPIPE) and one line on stderr."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "convert", "convert", "tiny-sdxl-fp16fix", "--plan", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader goes away before the plan is printed
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141
+    assert err.strip().splitlines() == ["stdout was closed before the output was written (broken pipe)"], err
