@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         as_json, verbose = args.json, args.verbose
         _configure_logging(verbose, as_json)
+        _check_hub_folders(os.environ)
         return int(args.func(args))
     except SystemExit as e:  # --help / --version: argparse's own exit, status 0
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
@@ -61,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(InternalError.of(e), False, as_json)
     finally:
         _restore_signals(previous)
+
+
+def _check_hub_folders(environ: Mapping[str, str]) -> None:
+    """HF_HOME / HF_HUB_CACHE naming a file made every Hub call fail as "the Hub is unreachable"."""
+    for name in ("HF_HOME", "HF_HUB_CACHE"):
+        value = environ.get(name)
+        if value and os.path.lexists(value) and not os.path.isdir(value):
+            raise UsageError(f"{name}={value!r} is not a folder", hint=f"point {name} at a folder (or unset it)")
 
 
 def _silence_stdout() -> None:

@@ -53,7 +53,11 @@ class Workspace:
 
 def recipe_search_dirs() -> list[Path]:
     """Recipes are found by name in ./recipes, then in the project's own recipes/."""
-    dirs = [Path.cwd() / "recipes", PROJECT_ROOT / "recipes"]
+    try:
+        here = [Path.cwd() / "recipes"]
+    except FileNotFoundError:  # the working directory was deleted: only the project's recipes are found
+        here = []
+    dirs = [*here, PROJECT_ROOT / "recipes"]
     unique: list[Path] = []
     for d in dirs:
         if d.resolve() not in [u.resolve() for u in unique]:

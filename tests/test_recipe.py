@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,29 @@ def test_json_into_a_closed_pipe_is_one_line_not_two_tracebacks() -> None:
     err = child.stderr.read().decode()
     assert child.wait(timeout=120) == 141
     assert err.strip().splitlines() == ["stdout was closed before the output was written (broken pipe)"], err
+
+
+def test_hf_home_naming_a_file_is_a_usage_error_not_an_unreachable_hub(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from convert.cli import main
+
+    not_a_folder = tmp_path / "hf-home"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("HF_HOME", str(not_a_folder))
+    assert main(["convert", "tiny-sdxl-fp16fix", "--plan"]) == 64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: HF_HOME={str(not_a_folder)!r} is not a folder; point HF_HOME at a folder (or unset it)"]
+
+
+def test_a_deleted_working_directory_still_finds_the_projects_recipes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    project = Path(__file__).parents[1]
+    script = f"cd {gone} && rmdir {gone} && exec {sys.executable} -m convert convert tiny-sdxl-fp16fix --plan --json"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(project)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["recipe"] == "tiny-sdxl-fp16fix"
