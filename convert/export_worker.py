@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,7 @@ def save_component_config(module: Any, folder: Path, stored_dtype: str | None) -
     """
     if hasattr(module, "save_config"):
         module.save_config(folder)
+        _drop_load_path(folder / "config.json")
         return
     loaded = module.config.dtype
     module.config.dtype = _CONFIG_DTYPES.get(stored_dtype or "", loaded)
@@ -164,6 +166,15 @@ def save_component_config(module: Any, folder: Path, stored_dtype: str | None) -
         module.config.save_pretrained(folder)
     finally:
         module.config.dtype = loaded
+
+
+def _drop_load_path(config: Path) -> None:
+    """diffusers records where the module was loaded from (`_name_or_path`): here a staging folder of
+    the machine that built it. A published file must not carry it, and a cached one must not
+    differ between two checkouts; loaders do not need it."""
+    data = json.loads(config.read_text())
+    if data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def build_submodel(spec: SubmodelSpec, patched: PatchedPipeline, weights: str, folder: Path) -> Any:

@@ -34,6 +34,15 @@ def test_bundle_layout_and_manifest(tiny_build) -> None:
     assert not list((bundle.parent.parent / ".staging").glob(f"{tiny_build.build_id}.*")), "staging left behind"
 
 
+def test_no_file_of_the_bundle_names_the_machine_it_was_built_on(tiny_build) -> None:
+    """Issue 19: diffusers' `_name_or_path` carried the builder's absolute staging path into config.json."""
+    bundle = tiny_build.bundle
+    texts = {p: p.read_text() for p in bundle.rglob("*.json")}
+    assert texts and not [p for p, text in texts.items() if str(bundle.parent.parent) in text or ".staging" in text]
+    assert all("_name_or_path" not in json.loads((bundle / part / "config.json").read_text())
+               for part in ("unet", "vae_decoder", "vae_encoder"))
+
+
 def test_tampered_bundle_fails_verification(tiny_build, tmp_path: Path) -> None:
     import shutil
 
