@@ -22,7 +22,7 @@ from convert import disk, fp16fix, lockfile, package
 from convert import staging as staging_mod
 from convert.capture import redirect_output
 from convert.component_cache import ComponentCache, key_inputs
-from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, ValidationError,
+from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, RecipeError, ValidationError,
                             ValidationFailed)
 from convert.fetch import FetchedSource, fetch, folder_params
 from convert.families import PipelineFamily
@@ -117,6 +117,7 @@ def planned_checks(recipe: Recipe) -> list[str]:
 def plan(recipe_path: Path, workspace: Workspace) -> Plan:
     """What a build would do, without downloading or generating anything."""
     recipe = load_recipe(recipe_path)
+    check_scheduler_of(recipe, recipe_path)
     planned: list[PlannedSource] = []
     resolved = []
     for role, source in source_roles(recipe):
@@ -153,9 +154,21 @@ def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progr
         return build_holding_lock(recipe, recipe_path, workspace, force=force, progress=progress, locked=locked)
 
 
+def check_scheduler_of(recipe: Recipe, recipe_path: Path) -> None:
+    """A scheduler override diffusers cannot build fails before anything is downloaded (exit 2)."""
+    if recipe.scheduler is None:
+        return
+    from convert.single_file import check_scheduler
+
+    problem = check_scheduler(recipe.scheduler)
+    if problem:
+        raise RecipeError(f"{recipe_path}: scheduler.{problem}", hint="fix the recipe's scheduler section")
+
+
 def prepare_build(recipe_path: Path, workspace: Workspace) -> Recipe:
     """Load the recipe and check the artifacts folder before taking the recipe's lock."""
     recipe = load_recipe(recipe_path)
+    check_scheduler_of(recipe, recipe_path)
     disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
     cache = workspace.component_cache
     if cache.exists() and not cache.is_dir():  # else every export would only warn that it cannot store

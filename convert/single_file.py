@@ -26,6 +26,7 @@ from convert.families import FAMILIES, PipelineFamily
 from convert.families.base import Shapes
 from convert.fetch import FetchedSource, NotSafetensors, read_safetensors_header
 from convert.recipe import Lora, Recipe, SchedulerOverride
+from convert.recipe_rules import suggest
 from convert.roles import SourceRole
 
 log = logging.getLogger(__name__)
@@ -221,3 +222,47 @@ def apply_scheduler(pipeline: Any, override: SchedulerOverride | None) -> None:
     except (TypeError, ValueError) as e:
         raise PatchError(f"scheduler: cannot build {override.class_name} ({_first(e)})",
                          hint="check the scheduler config keys") from e
+
+
+MAX_TRAIN_TIMESTEPS = 10_000  # SDXL and SD 1.5 train on 1000; 10^9 made diffusers allocate 8.4 GB
+
+
+def check_scheduler(override: SchedulerOverride) -> str | None:
+    """Why `override` cannot be built, as one phrase naming the key (None: it builds and sets timesteps).
+
+    Before anything is downloaded: diffusers' `from_config` ignores unknown keys (a typo silently
+    kept the base's value while the card claimed the typo), some classes need packages that are
+    not installed, and a bad value only surfaced after the export.
+    """
+    import inspect
+
+    import diffusers
+
+    name = override.class_name
+    cls = getattr(diffusers, name, None)
+    if name.startswith("Flax") or not isinstance(cls, type) or not hasattr(cls, "from_config"):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax"))
+        return f"class_name: diffusers has no PyTorch scheduler {name}{suggest(name, known)}"
+    backends = getattr(cls, "_backends", None)  # diffusers' stand-in for a class whose packages are missing
+    if backends:
+        return (f"class_name: {name} needs the packages {', '.join(backends)}, not all installed here; "
+                "choose another scheduler")
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError, ImportError) as e:  # a dummy object standing in for a missing package
+        return f"class_name: {name} cannot be used here ({_first(e)})"
+    keys = [k for k in parameters if k not in ("self", "args", "kwargs")]
+    for key in override.config:
+        if key not in keys:
+            return f"config.{key}: {name} has no such setting{suggest(key, keys)}"
+    steps = override.config.get("num_train_timesteps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or not 1 <= steps <= MAX_TRAIN_TIMESTEPS):
+        return f"config.num_train_timesteps: {steps!r} is not a number of steps from 1 to {MAX_TRAIN_TIMESTEPS}"
+    try:
+        scheduler = cls(**override.config)
+        scheduler.set_timesteps(4)
+    except Exception as e:  # diffusers raises ValueError, NotImplementedError, ImportError (torchsde) alike
+        return f"config: {name} refuses these settings ({_first(e)})"
+    return None
+

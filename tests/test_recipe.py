@@ -199,3 +199,30 @@ def test_a_deleted_working_directory_still_finds_the_projects_recipes(tmp_path: 
                           env={**os.environ, "PYTHONPATH": str(project)})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["recipe"] == "tiny-sdxl-fp16fix"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("timestep_spacing: trailing", "timestep_spacin: trailing"),
+     "scheduler.config.timestep_spacin: EulerDiscreteScheduler has no such setting; did you mean 'timestep_spacing'?"),
+    (("EulerDiscreteScheduler", "FlaxEulerDiscreteScheduler"),
+     "scheduler.class_name: diffusers has no PyTorch scheduler FlaxEulerDiscreteScheduler; did you mean 'EulerDiscreteScheduler'?"),
+    (("EulerDiscreteScheduler", "DPMSolverSDEScheduler"),
+     "scheduler.class_name: DPMSolverSDEScheduler needs the packages torch, torchsde, not all installed here"),
+    (("{timestep_spacing: trailing}", "{num_train_timesteps: 1000000000}"),
+     "scheduler.config.num_train_timesteps: 1000000000 is not a number of steps from 1 to 10000"),
+    (("timestep_spacing: trailing", "timestep_spacing: bogus"),
+     "scheduler.config: EulerDiscreteScheduler refuses these settings (bogus is not supported."),
+])
+def test_a_scheduler_diffusers_cannot_build_is_refused_before_any_download(
+        change: tuple[str, str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19: a typo was silently ignored (the card claimed it); the rest failed after the export."""
+    from convert.cli import main
+
+    text = (Path(__file__).parents[1] / "recipes" / "tiny-singlefile-lora.yaml").read_text()
+    assert change[0] in text
+    recipe = tmp_path / "scheduler.yaml"
+    recipe.write_text(text.replace(change[0], change[1]).replace("name: tiny-singlefile-lora", "name: scheduler"))
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {recipe}: {expected}"), err
+    assert not (tmp_path / "art" / "sources").exists() and not (tmp_path / "art" / "scheduler").exists()
