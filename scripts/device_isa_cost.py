@@ -86,9 +86,17 @@ def build(out: Path) -> None:
         ids = SimpleNamespace(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)  # CLIP's; timing only
         shape = getattr(_PIPELINE_SHAPES["full"], name)
         encoder = _text_encoder(shape, ids, projection, 0, torch.float32).eval()  # type: ignore[arg-type]
-        encoder.config.return_dict = False
+
+        class Hidden(torch.nn.Module):  # the last hidden state: what every transformers version returns
+            def __init__(self) -> None:
+                super().__init__()
+                self.encoder = encoder
+
+            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+                return self.encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+
         with torch.no_grad():
-            model = ov.convert_model(encoder, example_input={"input_ids": torch.ones(2, 77, dtype=torch.int64)})
+            model = ov.convert_model(Hidden(), example_input={"input_ids": torch.ones(2, 77, dtype=torch.int64)})
         ov.save_model(model, out / f"{name}.xml")
         del encoder, model
     if not (out / "unet.xml").exists():
