@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / ".device" / "site"
 sys.path[:0] = [str(SITE), str(ROOT)]
 
-SHAPES = {"unet": 128, "vae_decoder": 128, "vae_encoder": 1024, "text_encoder": 77, "text_encoder_2": 77}
-# latent side 128 / image side 1024: 1024x1024 images; text encoders: one CFG pair of 77-token prompts
+SHAPES = {"unet": 128, "vae_decoder": 128, "vae_encoder": 1024}  # latent side 128 / image side 1024: 1024x1024
+# (full-size text encoders are left out: torch.jit tracing of the bare CLIP towers fails with transformers 5;
+# the project exports them through optimum's patched tracing, which this script does not reproduce)
 
 
 def setup() -> None:
@@ -76,29 +77,6 @@ def build(out: Path) -> None:
                                      input=[("sample", [-1, 3, -1, -1])])
         ov.save_model(model, out / "vae_encoder.xml")
         del vae, model
-    for name, projection in (("text_encoder", False), ("text_encoder_2", True)):
-        if (out / f"{name}.xml").exists():
-            continue
-        from types import SimpleNamespace
-
-        from convert.testing.sdxl import _text_encoder
-
-        ids = SimpleNamespace(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)  # CLIP's; timing only
-        shape = getattr(_PIPELINE_SHAPES["full"], name)
-        encoder = _text_encoder(shape, ids, projection, 0, torch.float32).eval()  # type: ignore[arg-type]
-
-        class Hidden(torch.nn.Module):  # the last hidden state: what every transformers version returns
-            def __init__(self) -> None:
-                super().__init__()
-                self.encoder = encoder
-
-            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-                return self.encoder(input_ids, output_hidden_states=True).hidden_states[-2]
-
-        with torch.no_grad():
-            model = ov.convert_model(Hidden(), example_input={"input_ids": torch.ones(2, 77, dtype=torch.int64)})
-        ov.save_model(model, out / f"{name}.xml")
-        del encoder, model
     if not (out / "unet.xml").exists():
         from diffusers import UNet2DConditionModel
 
@@ -148,7 +126,7 @@ def measure(xml: Path, part: str, form: str) -> dict:  # type: ignore[type-arg]
     feed = {"unet": lambda: _unet_inputs(side),
             "vae_decoder": lambda: {"latent_sample": rng.standard_normal((1, 4, side, side)).astype(np.float32)},
             "vae_encoder": lambda: {"sample": rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)},
-            }.get(part, lambda: {model.inputs[0].get_any_name(): rng.integers(0, 49000, (2, side)).astype(np.int64)})()
+            }[part]()
     extra: dict = {}  # type: ignore[type-arg]
     if form != "f32":
         emulated = emulate(model, "f16")
