@@ -257,6 +257,10 @@ class ComponentSettings(_Strict):
             raise ValueError(f"'nncf' settings need weights int8 or int4, not {self.weights}")
         if self.nncf and self.nncf.mode and not self.nncf.mode.startswith(self.weights):
             raise ValueError(f"nncf.mode {self.nncf.mode} does not match weights {self.weights}")
+        if self.nncf is not None and self.weights == "int8":
+            int4_only = [k for k in ("group_size", "ratio", "all_layers") if getattr(self.nncf, k) is not None]
+            if int4_only:  # NNCF refuses them for int8 only after minutes of compression, in 200 lines
+                raise ValueError(f"nncf.{int4_only[0]} applies to int4 weights only; remove it or use weights: int4")
         return self
 
 

@@ -47,6 +47,7 @@ def test_real_recipe_pins_hub_sources() -> None:
         ("nncf_on_fp16.yaml", "'nncf' settings need weights int8 or int4, not fp16"),
         ("bad_repo_id.yaml", "'stable-diffusion-xl-base-1.0' is not a Hub repo id; write it as 'owner/name'"),
         ("duplicate_precision.yaml", "line 4: target.inference_precision: lists f16 more than once; name each once"),
+        ("int4_knob_on_int8.yaml", "nncf.group_size applies to int4 weights only; remove it or use weights: int4"),
         ("seed_too_big.yaml", "line 5: validation.end_to_end.seed: Input should be less than or equal to 4294967288"),
         ("scale_factor_text.yaml", "line 5: components.vae_decoder.runtime_options: ACTIVATIONS_SCALE_FACTOR: 'abc' is "
                                    "not a positive number (e.g. 8 or 128.0)"),
@@ -136,7 +137,8 @@ def test_loading_a_recipe_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("file", ["duplicate_precision.yaml", "seed_too_big.yaml", "scale_factor_text.yaml"])
+@pytest.mark.parametrize("file", ["duplicate_precision.yaml", "seed_too_big.yaml", "scale_factor_text.yaml",
+                                  "int4_knob_on_int8.yaml"])
 def test_values_found_late_before_are_refused_at_load_by_the_cli(file: str, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 19: these passed the plan and failed after the export (exit 6 or an internal error)."""
