@@ -199,7 +199,12 @@ def lock(recipe_path: Path, workspace: Workspace) -> tuple[Path, dict[str, Any],
     with redirect_output(workspace.log_file(recipe.name, "resolve")):
         document = lockfile.lock_document(resolve(recipe, recipe_path, workspace))
     path = lockfile.lock_path(recipe_path)
-    changes = lockfile.diff_locks(lockfile.read_lock(path), document) if path.is_file() else ["new lock"]
+    changes = ["new lock"]
+    if path.exists():
+        try:
+            changes = lockfile.diff_locks(lockfile.read_lock(path), document)
+        except FetchError as e:  # `lock` is the cure for a damaged lock, so it replaces it instead of refusing
+            changes = [f"replaced an unreadable lock ({e.message})"]
     lockfile.write_lock(path, document)
     return path, document, changes
 

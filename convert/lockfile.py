@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convert.errors import FetchError, PackageError
-from convert.readback import read_json
+from convert.readback import read_json, safe_relative
 from convert.resolve import Resolution, ResolvedSource
 
 if TYPE_CHECKING:
@@ -72,7 +72,46 @@ def read_lock(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION or not isinstance(data.get("sources"), list):
         raise FetchError(f"{path} is not a lock file of this tool (lock_version {LOCK_VERSION})",
                          hint="recreate it with `sdxl-convert lock <recipe>`")
+    problem = lock_problem(data)
+    if problem:
+        raise FetchError(f"{path}: {problem}", hint="recreate it with `sdxl-convert lock <recipe>`")
     return data
+
+
+def lock_problem(data: dict[str, Any]) -> str | None:
+    """The first place where a lock document is not what `lock_document` writes (None: it is).
+
+    Read back as input: a hand-edited or damaged lock must fail here in one line, not as a
+    KeyError or TypeError deep in resolve (exit 1).
+    """
+    def text(value: Any) -> bool:
+        return isinstance(value, str) and bool(value)
+
+    if "recipe_sha256" in data and not text(data["recipe_sha256"]):
+        return f"recipe_sha256: expected a digest, got {data['recipe_sha256']!r}"
+    tools = data.get("tools", {})
+    if not isinstance(tools, dict) or not all(text(k) and isinstance(v, str) for k, v in tools.items()):
+        return "tools: expected names mapped to version strings"
+    roles: set[str] = set()
+    for i, source in enumerate(data["sources"]):
+        where = f"sources[{i}]"
+        if not isinstance(source, dict):
+            return f"{where}: expected an object, got {type(source).__name__}"
+        for key in ("role", "commit"):
+            if not text(source.get(key)):
+                return f"{where}.{key}: expected a string, got {source.get(key)!r}"
+        if source["role"] in roles:
+            return f"{where}.role: {source['role']} is locked twice"
+        roles.add(source["role"])
+        files = source.get("files", [])
+        if not isinstance(files, list):
+            return f"{where}.files: expected a list, got {type(files).__name__}"
+        for j, f in enumerate(files):
+            if not isinstance(f, dict) or not safe_relative(f.get("path")):
+                return f"{where}.files[{j}].path: expected a relative file name"
+            if not any(text(f.get(k)) for k in ("sha256", "git_oid")):
+                return f"{where}.files[{j}]: expected a sha256 or git_oid"
+    return None
 
 
 def pins(lock: dict[str, Any]) -> dict[str, str]:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
 MAX_JSON_BYTES = 16 * 2**20  # the largest build record or cache entry description we write is a few KiB
-_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 class UnreadableFile(ValueError):
@@ -52,11 +50,11 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
 
 
 def safe_relative(name: object) -> str | None:
-    """`name` if it is a plain relative POSIX path (no '..', no absolute or empty parts, no odd characters)."""
-    if not isinstance(name, str) or not name or len(name) > 1024:
+    """`name` if it is a relative POSIX path that stays inside its folder: no absolute, empty, '.' or '..'
+    parts, no backslash, no control characters. (Community file names have '+', spaces, brackets: kept.)"""
+    if not isinstance(name, str) or not name or len(name) > 1024 or "\\" in name or not name.isprintable():
         return None
-    parts = name.split("/")
-    return name if all(_SAFE_PART.fullmatch(p) and p not in (".", "..") for p in parts) else None
+    return name if all(part not in ("", ".", "..") for part in name.split("/")) else None
 
 
 def is_regular_file(path: Path) -> bool:

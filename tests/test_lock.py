@@ -201,3 +201,35 @@ def test_cache_keys_of_a_rescaled_vae_follow_the_settings_and_code_that_shape_it
         moved = _keys(recipe("a", "min_f16_headroom: 4"), tmp_path, capsys)
         assert {c for c in same if same[c] != moved[c]} == vae, edited
         same = moved
+
+
+def _local_recipe(folder: Path, tiny_sources: dict[str, Path]) -> Path:
+    path = folder / "local-lock.yaml"
+    path.write_text(f"schema_version: 1\nname: local-lock\nbase: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n")
+    return path
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["sources"][0].pop("role"), "sources[0].role: expected a string, got None"),
+    (lambda d: d["sources"][0].update(commit=None), "sources[0].commit: expected a string, got None"),
+    (lambda d: d["sources"][0].update(files={"a": 1}), "sources[0].files: expected a list, got dict"),
+    (lambda d: d["sources"][0]["files"][0].update(path="../../etc/passwd"), "sources[0].files[0].path: expected a relative file name"),
+    (lambda d: d["sources"].append(dict(d["sources"][0])), "sources[1].role: base is locked twice"),
+    (lambda d: d.update(tools=["openvino"]), "tools: expected names mapped to version strings"),
+])
+def test_a_structurally_wrong_lock_is_one_line_exit_3_and_lock_replaces_it(
+        change, message: str, tiny_sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: these were KeyError/TypeError (exit 1); `lock` over a corrupt lock told you to run `lock`."""
+    recipe = _local_recipe(tmp_path, tiny_sources)
+    _lock(recipe, tmp_path, capsys)
+    path = recipe.with_name("local-lock.lock.json")
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+    assert cli_main(["convert", str(recipe), "--locked", "--artifacts", str(tmp_path / "art")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}: {message}; recreate it with `sdxl-convert lock <recipe>`"], err
+    assert not (tmp_path / "art" / "local-lock").exists()
+    relocked = _lock(recipe, tmp_path, capsys)
+    assert relocked["changes"] == [f"replaced an unreadable lock ({path}: {message})"]
+    assert cli_main(["convert", str(recipe), "--locked", "--plan", "--artifacts", str(tmp_path / "art")]) == 0
