@@ -21,7 +21,7 @@ from convert import build as build_mod
 from convert import staging as staging_mod
 from convert.capture import redirect_output
 from convert.errors import ConvertError, InternalError, PublishError, RecipeError, ValidationFailed
-from convert.lockfile import diff_locks
+from convert.lockfile import diff_locks, lock_problem
 from convert.readback import read_json
 from convert.recipe import Recipe
 from convert.resolve import Resolution, resolve
@@ -90,6 +90,10 @@ def published_changes(repo: str, head: str | None, resolution: Resolution) -> li
     except Exception as e:  # a repo published by hand, or an older build.json: the build still runs
         log.info("no readable build.json at %s@%s: %s", repo, head, e)
         return ["the published head has no readable build.json"]
+    problem = (lock_problem(lock) if isinstance(lock, dict) and isinstance(lock.get("sources"), list)
+               else "its lock is not an object with sources")
+    if problem:  # read back as input: a hand-edited build.json must not end the rebuild in a KeyError
+        return [f"the published head's build.json is unreadable ({problem})"]
     return diff_locks(lock, resolution.lock()) or ["the published head is another build"]
 
 

@@ -233,3 +233,26 @@ def test_a_structurally_wrong_lock_is_one_line_exit_3_and_lock_replaces_it(
     relocked = _lock(recipe, tmp_path, capsys)
     assert relocked["changes"] == [f"replaced an unreadable lock ({path}: {message})"]
     assert cli_main(["convert", str(recipe), "--locked", "--plan", "--artifacts", str(tmp_path / "art")]) == 0
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("build_json", [
+    {"lock": {"sources": [{"role": "base"}]}},  # no commit
+    {"lock": {"sources": "base"}},
+    {"lock": None},
+])
+def test_a_published_build_json_without_a_commit_means_rebuild_not_a_crash(
+        build_json: dict, hf_api, new_repo_id: str, tiny_sources: dict[str, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """Issue 19: a hand-edited build.json at the published head was an internal error in `rebuild`."""
+    from convert.rebuild import published_changes
+    from convert.recipe import load_recipe
+    from convert.resolve import resolve
+    from convert.workspace import Workspace
+
+    hf_api.create_repo(new_repo_id)
+    commit = hf_api.upload_file(path_or_fileobj=json.dumps(build_json).encode(), path_in_repo="build.json",
+                                repo_id=new_repo_id)
+    recipe = _local_recipe(tmp_path, tiny_sources)
+    resolution = resolve(load_recipe(recipe), recipe, Workspace(artifacts=tmp_path / "art"))
+    changes = published_changes(new_repo_id, commit.oid, resolution)
+    assert len(changes) == 1 and changes[0].startswith("the published head's build.json is unreadable ("), changes
