@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.hub import file_sha256
-from convert.readback import UnreadableFile, copy_file, is_regular_file, read_json, safe_relative
+from convert.readback import copy_file, is_regular_file, read_json, safe_relative
 from convert.resolve import Resolution
 from convert.roles import SourceRole
 
@@ -215,7 +215,7 @@ def _entry_files(entry: Path) -> dict[str, str] | None:
     """The {relative name: sha256} an entry.json lists, or None where it is not what `store` writes."""
     try:
         info = read_json(entry / ENTRY_INFO, limit=2**20)
-    except (OSError, UnreadableFile):
+    except (OSError, ValueError):  # UnreadableFile, or not UTF-8 JSON
         return None
     files = info.get("files") if isinstance(info, dict) else None
     if not isinstance(files, dict) or not files:
