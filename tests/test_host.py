@@ -39,6 +39,8 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32"}
      CpuIsa("AVX512_FP16+AMX", 32)),
     ({"AVX2", "AVX512F", "AVX512BF16"}, set(), "AVX2", CpuIsa("AVX-512+BF16", 16, "AVX2")),
     ({"AVX2", "AVX512F"}, set(), "AVX512_CORE", CpuIsa("AVX-512", 32)),  # a limit above what it has: no limit
+    ({"AVX2", "AVX512F"}, set(), "garbage", CpuIsa("AVX-512", 32)),  # oneDNN ignores names it does not know
+    ({"AVX2", "AVX512F"}, set(), " avx2_vnni ", CpuIsa("AVX-512", 16, "AVX2_VNNI")),
     ({"AVX", "AVX2"}, {"amx_bf16"}, None, CpuIsa("AVX2", 16)),  # the kernel's AMX flag alone: an emulator's host
     ({"SSE42"}, set(), None, CpuIsa("pre-AVX2 x86-64", 16)),
 ])

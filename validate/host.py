@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MARK = "__emulated__"  # in the friendly name of every node the emulation (validate/precision.py) inserts
 REGISTER_POOL_ERROR = "Can't allocate registers for a snippet"
+#: ONEDNN_MAX_CPU_ISA values that keep oneDNN (and OpenVINO's JIT) below AVX-512: 16 vector registers
+_BELOW_AVX512 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"})
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ def isa_of(features: frozenset[str], kernel_flags: frozenset[str], max_isa: str 
         name = "AVX-512"
     if "AVX512F" in features and {"amx_bf16", "amx_fp16", "amx_int8"} & kernel_flags:
         name += "+AMX"
-    limited = max_isa if max_isa and "AVX512" not in max_isa.upper() and "AVX512F" in features else None
+    below = max_isa.strip().upper() in _BELOW_AVX512 if max_isa else False  # oneDNN ignores names it does not know
+    limited = max_isa.strip().upper() if below and max_isa and "AVX512F" in features else None
     registers = 32 if "AVX512F" in features and not limited else 16
     return CpuIsa(name, registers, limited)
 
