@@ -412,7 +412,6 @@ def _table(*headers: str, title: str | None = None) -> Any:
 
 
 def _render_plan(plan: Any) -> None:
-
     console = _console()
     console.print(f"[bold]Plan for {plan.recipe.name}[/] ({plan.recipe_path})")
     console.print("[bold]Sources[/]")
@@ -451,7 +450,6 @@ def _render_headline(console: Any, headline: Headline) -> None:
 
 
 def _render_result(result: Any, published: dict[str, Any] | None) -> None:
-
     console = _console()
     headline = result.headline
     console.print(f"[bold]{'Reused' if result.reused else 'Built'}[/] {result.bundle}", highlight=False, soft_wrap=True)

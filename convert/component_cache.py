@@ -158,7 +158,7 @@ class ComponentCache:
 
         The entry is input, not a trusted store: its file names must be plain relative paths, its
         files regular files (no links out), and the copies, not the cache's files, are checked
-        against the recorded sha256s. A bad entry is removed and `dest` left empty.
+        against the recorded sha256s. A bad entry is removed, and so is `dest`.
         """
         entry = self.entry(key)
         if not (entry / ENTRY_INFO).exists():
@@ -167,8 +167,6 @@ class ComponentCache:
         problem = "its entry.json does not list files as this tool writes them" if files is None else None
         dest.mkdir(parents=True, exist_ok=True)
         for rel, sha in (files or {}).items():
-            if problem:
-                break
             source = entry / "files" / rel
             if not is_regular_file(source):
                 problem = f"{rel} is not a regular file"
@@ -176,6 +174,7 @@ class ComponentCache:
             copy_file(source, dest / rel)
             if file_sha256(dest / rel) != sha:
                 problem = f"{rel} differs from its recorded sha256"
+                break
         if problem:
             log.warning("component cache entry %s is damaged (%s); re-exporting", entry, problem)
             shutil.rmtree(entry, ignore_errors=True)
