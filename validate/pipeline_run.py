@@ -106,10 +106,10 @@ class PartRequest:
             return result
         from validate.submodels import fold_maxima
 
-        values = list(result.to_dict().values())
-        n = len(values) - len(self.tap_names)
-        fold_maxima(self.maxima, self.tap_names, [float(v) for v in values[n:]])
-        return _Outputs(list(result.to_dict().items())[:n])
+        items = list(result.to_dict().items())  # taps first (`with_taps`), then the model's outputs
+        n = len(self.tap_names)
+        fold_maxima(self.maxima, self.tap_names, [float(v) for _, v in items[:n]])
+        return _Outputs(items[n:])
 
 
 class _Outputs:

@@ -106,7 +106,8 @@ def cosine(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def with_taps(model: Any) -> tuple[Any, list[str]]:
-    """A copy of `model` with one extra output per tapped op: max |x| over the whole tensor.
+    """A copy of `model` with one extra output per tapped op, max |x| over the whole tensor,
+    placed before the model's own outputs (`precision.taps_first`: outputs 0..n-1 are the taps).
 
     Tapped ops are the emulation's rounding points inside a named block, in graph order.
     Taps are a bare ReduceMax(|x|) (`activation_maxima`'s NaN-safe taps cost the int8 tiny
@@ -116,7 +117,7 @@ def with_taps(model: Any) -> tuple[Any, list[str]]:
     import openvino as ov
     import openvino.opset13 as ops
 
-    from validate.precision import rounding_ops
+    from validate.precision import rounding_ops, taps_first
 
     clone = model.clone()
     names, taps = [], []
@@ -127,9 +128,8 @@ def with_taps(model: Any) -> tuple[Any, list[str]]:
             rank = out.get_partial_shape().rank
             if out.get_element_type() == ov.Type.f32 and rank.is_static:
                 names.append(node.get_friendly_name())
-                taps.append(ops.result(ops.reduce_max(ops.abs(out), list(range(rank.get_length())), False)))
-    clone.add_results(taps)
-    return clone, names
+                taps.append(ops.reduce_max(ops.abs(out), list(range(rank.get_length())), False).output(0))
+    return taps_first(clone, taps), names
 
 
 def fold_maxima(per_op: dict[str, float], names: Sequence[str], values: Sequence[float]) -> None:
@@ -160,14 +160,13 @@ def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str
         return {}, []
     emulated = model if isinstance(model, EmulatedModel) else None
     tapped, names = with_taps(emulated.model if emulated else model)
-    first = len(tapped.outputs) - len(names)
     extra = dict(emulated.extra_inputs) if emulated else {}
     static = with_static_shapes(tapped, calls[0].inputs)
     request = compile_on_host(core, static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).compiled.create_infer_request()
     per_op: dict[str, float] = {}
     for call in calls:
         request.infer({**call.inputs, **extra})
-        fold_maxima(per_op, names, [float(request.get_output_tensor(first + i).data) for i in range(len(names))])
+        fold_maxima(per_op, names, [float(request.get_output_tensor(i).data) for i in range(len(names))])
     return per_block(per_op), list(per_op.items())
 
 
