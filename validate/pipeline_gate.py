@@ -22,7 +22,7 @@ import numpy as np
 
 from convert.recipe import Recipe
 from validate.end_to_end import ImageComparison, Thresholds, compare, save_grid
-from validate.pipeline_run import PARTS, Call, PartRequest, evenly_spaced, generate, install, load_pipeline
+from validate.pipeline_run import PARTS, Call, OneAtATime, PartRequest, evenly_spaced, generate, install, load_pipeline
 from validate.precision import ExecutionMode, plan_execution
 from validate.submodels import SUBMODELS, SubmodelResult, check_submodel, per_block
 
@@ -60,13 +60,15 @@ class _Modes:
     def __init__(self, core: Any, device: str, models: dict[str, Any]) -> None:
         self.core, self.device, self.models = core, device, models
         self._requests: dict[tuple[str, str], PartRequest] = {}
+        self.turns = OneAtATime()  # one part compiled at a time, the reference run's parts included
 
     def mode(self, precision: str) -> ExecutionMode:
         return plan_execution(self.core, self.device if precision != "f32" else "CPU", precision)  # type: ignore[arg-type]
 
     def request(self, part: str, precision: str) -> PartRequest:
         if (part, precision) not in self._requests:
-            self._requests[part, precision] = PartRequest(self.core, self.models[part], self.mode(precision))
+            self._requests[part, precision] = PartRequest(self.core, self.models[part], self.mode(precision),
+                                                          turns=self.turns)
         return self._requests[part, precision]
 
     def release(self) -> None:
@@ -97,8 +99,8 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     started = time.monotonic()
     say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}x{size}")
     pipeline = load_pipeline(bundle_dir, recipe.family.optimum_class)
-    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked)
-                 for p in present}
+    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked,
+                                turns=modes.turns) for p in present}
     install(pipeline, reference)
     f32_images = images(pipeline)
     out.timings["pipeline_f32"] = time.monotonic() - started

@@ -55,6 +55,27 @@ def conform(model: ov.Model, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]
     return out
 
 
+class OneAtATime:
+    """Lets one part of a pipeline run hold compiled models at a time.
+
+    A full-size pipeline compiled whole does not fit a 16 GB machine: optimum's own
+    compile of the flagship's parts took 13.3 GiB for a 256x256 denoising run, and the
+    gate's f32 run at 1024 held the UNet (7.2 GiB at a 128x128 latent, batch 2) beside the
+    VAE decoder (3.5 GiB) and both text encoders. Each part compiles when the pipeline first
+    calls it and is dropped when another part compiles: a recompile per prompt (seconds for
+    the VAE and text encoders, ~10-60 s for a full-size UNet) instead of their sum in memory.
+    """
+
+    def __init__(self) -> None:
+        self.holder: PartRequest | None = None
+
+    def take(self, request: PartRequest) -> None:
+        """`request` is about to compile: release whichever other part holds compiled models."""
+        if self.holder is not None and self.holder is not request:
+            self.holder.release()
+        self.holder = request
+
+
 class PartRequest:
     """Stands in for one optimum part's compiled request; compiles once per input shape.
 
@@ -63,9 +84,10 @@ class PartRequest:
     """
 
     def __init__(self, core: ov.Core, model: ov.Model, mode: ExecutionMode, *, record: bool = False,
-                 taps: bool = False) -> None:
-        """`record`: keep every call; `taps` (f32 only): also keep max |activation| per op over all calls."""
-        self.core, self.model, self.mode, self.record = core, model, mode, record
+                 taps: bool = False, turns: OneAtATime | None = None) -> None:
+        """`record`: keep every call; `taps` (f32 only): also keep max |activation| per op over all calls;
+        `turns`: shared by the parts of one run so that only one holds compiled models."""
+        self.core, self.model, self.mode, self.record, self.turns = core, model, mode, record, turns
         self.runnable: ov.Model | EmulatedModel = emulate(model, mode.precision) if mode.emulated else model
         self.tap_names: list[str] = []
         if taps:
@@ -80,8 +102,9 @@ class PartRequest:
 
     def release(self) -> None:
         """Drop the compiled models (a full-size UNet at f32 holds ~10 GiB); recorded calls and maxima stay."""
-        self._compiled.clear()
-        release_memory()
+        if self._compiled:
+            self._compiled.clear()
+            release_memory()
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Outputs by tensor name for one call."""
@@ -99,6 +122,8 @@ class PartRequest:
         key = tuple(sorted((k, v.shape) for k, v in arrays.items()))
         runner = self._compiled.get(key)
         if runner is None:
+            if self.turns is not None:
+                self.turns.take(self)
             runner = self._compiled[key] = compile_for(self.core, self.runnable, self.mode, arrays)
             release_mapped_pages()  # the IR's mmapped weights, read once by the compile (the compiled copy stays)
         result = runner.compiled.create_infer_request().infer({**arrays, **dict(runner.extra_inputs)})
@@ -137,6 +162,17 @@ def load_pipeline(bundle_dir: Path, optimum_class: str = "OVStableDiffusionXLPip
     import optimum.intel
 
     return getattr(optimum.intel, optimum_class).from_pretrained(bundle_dir, device="CPU", compile=False)
+
+
+def run_at_f32(pipeline: Any, core: ov.Core) -> None:
+    """Every part of `pipeline` (loaded uncompiled) runs at f32 on the CPU, one part compiled at a time.
+
+    f32 on every CPU: the default hint is bf16 where the CPU has it and f32 elsewhere, which
+    made the inputs this run feeds the gate depend on the machine.
+    """
+    mode = ExecutionMode("f32", "CPU", False, "explicit f32 hint")
+    turns = OneAtATime()
+    install(pipeline, {part: PartRequest(core, model, mode, turns=turns) for part, model in pipeline.ov_models.items()})
 
 
 def install(pipeline: Any, requests: Mapping[str, PartRequest]) -> None:

@@ -201,6 +201,7 @@ def check_submodel(core: Any, model: Any, component: str, request: PartRequest, 
     if counts.invalid > max_non_finite:
         first = first_beyond(per_op)
         if first is None and mode.emulated:  # rounding, not f32 range, pushed it over: look at the emulated run
+            request.release()  # its tapped twin compiles next; never both at once
             first = first_beyond(block_maxima(core, request.runnable, calls[:1])[1])
         where = _where(first, blocks)
         failures.append(f"{name}: {counts.invalid}/{counts.total} output values non-finite on {inputs} (NaN {counts.nan}, "
