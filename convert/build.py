@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import disk, fp16fix, lockfile, package
+from convert import budget, disk, fp16fix, lockfile, package
 from convert import staging as staging_mod
+from convert.budget import Machine, Needs
 from convert.capture import redirect_output
 from convert.component_cache import ComponentCache, key_inputs
-from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, RecipeError, ValidationError,
-                            ValidationFailed)
+from convert.errors import (ConvertError, ExportError, FetchError, PackageError, PatchError, RecipeError, ResourcesError,
+                            ValidationError, ValidationFailed)
 from convert.fetch import FetchedSource, fetch, folder_params
 from convert.families import PipelineFamily
 from convert.recipe import Recipe, load_recipe
@@ -67,6 +68,12 @@ class Plan:
     checks: list[str]
     output: Path
     build_id: str | None
+    needs: Needs | None = None  # None: a source is not resolved (or not generated) yet
+    machine: Machine | None = None
+
+    @property
+    def shortfalls(self) -> list[str]:
+        return budget.shortfalls(self.needs, self.machine) if self.needs and self.machine else []
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +84,10 @@ class Plan:
             "sources": [s.__dict__ | {"role": s.role.key} for s in self.sources],
             "components": [c.__dict__ for c in self.components],
             "checks": self.checks,
+            "estimate": self.needs.to_json() if self.needs else None,
+            "machine": self.machine.to_json() if self.machine else None,
+            "fits": not self.shortfalls if self.needs else None,
+            "shortfalls": self.shortfalls,
         }
 
 
@@ -89,6 +100,8 @@ class BuildResult:
     headline: Headline | None = None  # None: a reused bundle without validation/report.json
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: dict[str, float] = field(default_factory=dict)  # stage -> this process's largest RSS by its end
+    needs: Needs | None = None  # the estimate the build was admitted with (None: reused, nothing built)
+    disk_written: dict[str, int] = field(default_factory=dict)  # use -> bytes this build added (measured)
     sources: list[dict[str, Any]] = field(default_factory=list)
     reused_components: list[str] = field(default_factory=list)  # linked from the component cache
     exported_components: list[str] = field(default_factory=list)  # exported (or tokenized) by this build
@@ -104,6 +117,8 @@ class BuildResult:
             "validation": self.headline.to_json() if self.headline is not None else {},
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "peak_rss_gib": {k: round(v, 2) for k, v in self.peak_rss_gib.items()},
+            "estimate": self.needs.to_json() if self.needs else None,
+            "disk_written_gb": {k: round(v / 1000**3, 2) for k, v in self.disk_written.items()},
             "sources": self.sources,
         }
 
@@ -131,18 +146,33 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
             continue
         resolved.append(r)
         planned.append(PlannedSource(role, source.describe(), r.commit))
-    build_id = None
+    build_id, resolution = None, None
     if len(resolved) == len(planned):
         from convert.resolve import tool_versions
 
-        build_id = Resolution(recipe, recipe_path, tuple(resolved), tool_versions()).build_id
+        resolution = Resolution(recipe, recipe_path, tuple(resolved), tool_versions())
+        build_id = resolution.build_id
     components = [
         PlannedComponent(c, recipe.settings_for(c).weights, recipe.precisions_for(c) if not c.startswith("tokenizer") else [],
                          dict(recipe.settings_for(c).runtime_options))
         for c in recipe.exported_components()
     ]
     output = workspace.bundle_dir(recipe.name, build_id or "<build-id>")
-    return Plan(recipe, recipe_path, planned, components, planned_checks(recipe), output, build_id)
+    needs, machine = needs_of(resolution, workspace) if resolution else (None, None)
+    return Plan(recipe, recipe_path, planned, components, planned_checks(recipe), output, build_id, needs, machine)
+
+
+def needs_of(resolution: Resolution, workspace: Workspace) -> tuple[Needs, Machine]:
+    """The build's estimated memory and disk (components the cache holds are neither exported nor stored)."""
+    from convert.component_cache import ENTRY_INFO, component_keys
+    from convert.fetch import _cache_root
+
+    cache = ComponentCache(workspace.component_cache)
+    cached = frozenset(c for c, k in component_keys(resolution).items() if (cache.entry(k) / ENTRY_INFO).is_file())
+    needs = budget.resolution_needs(resolution, workspace, cached=cached)
+    machine = budget.machine_for({"downloads": _cache_root(workspace.hf_cache), "single file as diffusers": workspace.artifacts,
+                           "bundle": workspace.artifacts, "component cache": workspace.component_cache})
+    return needs, machine
 
 
 def build(recipe_path: Path, workspace: Workspace, *, force: bool = False, progress: Progress | None = None,
@@ -237,6 +267,11 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
         info = package.load_bundle(dest)
         return _result_from_existing(info, resolution), resolution
 
+    needs, machine = needs_of(resolution, workspace)
+    notify(f"plan: {needs.describe()}")
+    problems = budget.shortfalls(needs, machine)
+    if problems:
+        raise ResourcesError(f"{recipe.name} does not fit this machine: {'; '.join(problems)}", hint=budget.FIT_HINT)
     with _stage("staging", StageTimes(), workspace, PackageError):
         staging = staging_mod.new_staging(workspace, build_id)
     bundle_dir = staging / "bundle"
@@ -244,7 +279,7 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
     try:
         bundle_dir.mkdir()
         log_path.unlink(missing_ok=True)
-        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path), resolution
+        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path, needs), resolution
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -293,7 +328,7 @@ class StageTimes(dict[str, float]):
 
 
 def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: Path, workspace: Workspace,
-                notify: Progress, timings: StageTimes, log: Path) -> BuildResult:
+                notify: Progress, timings: StageTimes, log: Path, needs: Needs | None = None) -> BuildResult:
     from convert.export import export_pipeline
     from convert.patch import patch
     from validate.checks import run_validation
@@ -366,6 +401,10 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         sources=[s.lock_entry() for s in resolution.sources],
         reused_components=reused,
         exported_components=[e.name for e in exported if not e.reused],
+        needs=needs,
+        disk_written={"downloads": sum(f.bytes_downloaded for f in fetched.values()),
+                      "bundle": disk.folder_bytes(bundle.path),
+                      "component cache": sum(disk.folder_bytes(bundle.path / e.name) for e in exported if not e.reused)},
     )
 
 

@@ -429,6 +429,18 @@ def _render_plan(plan: Any) -> None:
     for line in plan.checks:
         console.print(f"  - {line}", highlight=False)
     console.print(f"[bold]Output[/] {plan.output}", highlight=False)
+    if plan.needs is None:
+        console.print("[bold]Resources[/] estimated once every source is resolved (generated sources: on the first build)")
+    else:
+        console.print(f"[bold]Resources[/] {plan.needs.describe()}", highlight=False)
+        m = plan.machine
+        free = ", ".join(f"{use} {v / 1000**3:.1f} GB" for use, v in m.free.items() if m.shares[use] == use)
+        console.print(f"  this machine: {m.memory / 1024**3:.1f} GiB of memory ({m.memory_source}); free disk: {free}",
+                      highlight=False)
+        for line in plan.needs.assumed:
+            console.print(f"  assumed: {line}", highlight=False)
+        for problem in plan.shortfalls:
+            console.print(f"  [red]does not fit:[/] {problem}", highlight=False)
 
 
 def _render_headline(console: Any, headline: Headline) -> None:
@@ -467,7 +479,8 @@ def _render_result(result: Any, published: dict[str, Any] | None) -> None:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), highlight=False)
     if result.peak_rss_gib:
         console.print(f"peak memory (RSS): export {result.peak_rss_gib.get('export', 0):.2f} GiB, "
-                      f"whole build {max(result.peak_rss_gib.values()):.2f} GiB", highlight=False)
+                      f"whole build {max(result.peak_rss_gib.values()):.2f} GiB"
+                      + (f" (estimated {result.needs.memory / 1024**3:.1f} GiB)" if result.needs else ""), highlight=False)
     if published:
         console.print(_publish_line(published), highlight=False)
 

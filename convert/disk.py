@@ -42,6 +42,11 @@ def bundle_bytes(params: Mapping[str, int], weights: Mapping[str, str]) -> int:
     return int(total) + SLACK_BYTES
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (links not followed)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def keep_free_bytes(environ: Mapping[str, str] = os.environ) -> int:
     raw = environ.get(KEEP_FREE_ENV, "").strip()
     if not raw:

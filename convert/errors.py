@@ -74,6 +74,11 @@ class PackageError(ConvertError):
     exit_code = 7
 
 
+class ResourcesError(PackageError):
+    """The build would not fit this machine's memory or disk: refused before it starts (exit 7, like
+    every other "cannot write the bundle" error)."""
+
+
 class PublishError(ConvertError):
     """Publishing to the Hub failed or was refused."""
 

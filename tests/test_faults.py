@@ -281,7 +281,23 @@ def test_read_only_artifacts_exit_7(tmp_path: Path, mounted_tmpfs, capsys: pytes
 
 def test_full_disk_refused_before_the_export(tmp_path: Path, tiny_sources: dict[str, Path], mounted_tmpfs,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """A 2 MiB disk cannot hold the tiny bundle: refused after fetch, before any IR is written."""
+    """A 2 MiB disk cannot hold the tiny bundle: refused up front (the plan's estimate), before any work."""
+    art = mounted_tmpfs("small", "size=2m")
+    path = local_recipe(tmp_path, "small-disk", tiny_sources)
+    assert main(["--artifacts", str(art), "convert", str(path)]) == 7
+    line = one_error_line(capsys)
+    assert line.startswith("error: small-disk does not fit this machine: about 0.")
+    assert " GB of disk for bundle + component cache but <0.1 GB are free there; " in line
+    assert "free disk or point --artifacts, --cache, HF_HUB_CACHE elsewhere" in line
+    assert_nothing_written(art, "small-disk")
+
+
+def test_full_disk_found_before_the_export(tmp_path: Path, tiny_sources: dict[str, Path], mounted_tmpfs,
+                                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export's own check still holds where the up-front one was passed (the disk filled meanwhile)."""
+    from convert import budget
+
+    monkeypatch.setattr(budget, "shortfalls", lambda _needs, _machine: [])
     art = mounted_tmpfs("small", "size=2m")
     path = local_recipe(tmp_path, "small-disk", tiny_sources)
     assert main(["--artifacts", str(art), "convert", str(path)]) == 5
@@ -296,17 +312,18 @@ def test_keep_free_reserve_refuses_the_export(tmp_path: Path, tiny_sources: dict
     """The same check on any machine: SDXL_CONVERT_KEEP_FREE_GIB reserves more than any disk has."""
     monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", str(2**40))
     path = local_recipe(tmp_path, "reserve", tiny_sources)
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 5
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 7
     line = one_error_line(capsys)
-    assert line.startswith(f"error: no space left on {tmp_path / 'art'}, need about 0.1 GiB; ")
-    assert "SDXL_CONVERT_KEEP_FREE_GIB keeps" in line
+    assert line.startswith("error: reserve does not fit this machine: about 0.")
+    assert " GB of disk for bundle + component cache but 0.0 GB are free there after the " in line
+    assert "GiB that SDXL_CONVERT_KEEP_FREE_GIB keeps" in line
     assert_nothing_written(tmp_path / "art", "reserve")
 
 
 def test_disk_full_during_a_stage_names_it(tmp_path: Path, tiny_sources: dict[str, Path], mounted_tmpfs,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A real ENOSPC (a tmpfs out of inodes: bytes are free, so the up-front check passes) in fetch."""
-    art = mounted_tmpfs("few-inodes", "size=64m,nr_inodes=14")
+    art = mounted_tmpfs("few-inodes", "size=512m,nr_inodes=14")
     path = local_recipe(tmp_path, "inodes", tiny_sources)
     assert main(["--artifacts", str(art), "convert", str(path)]) == 3
     line = one_error_line(capsys)

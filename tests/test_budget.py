@@ -1,0 +1,114 @@
+"""The plan's memory and disk estimate, and the up-front refusal of a build that cannot fit (issue 18)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from convert import budget
+from convert.budget import GB, GIB, Machine, Needs
+from convert.cli import main
+from tests.test_faults import assert_nothing_written, local_recipe, one_error_line
+
+SDXL = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684, "vae": 83_653_863}
+FLAGSHIP = {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"}
+
+
+def _memory(weights: dict[str, str], resolution: int = 1024, pipeline: int | None = 1024, batch: int = 2) -> tuple[int, str]:
+    return budget.estimate_memory(SDXL, weights, denoiser="unet", vae_resolution=resolution,
+                                  pipeline_resolution=pipeline, guidance_batch=batch, vae_checked=True)
+
+
+def test_the_denoiser_compiled_for_the_pipeline_run_sets_the_full_size_peak() -> None:
+    memory, phase = _memory(FLAGSHIP)
+    assert phase == "validate: unet compiled at f32 for 1024x1024, batch 2"
+    fp16, _ = _memory(FLAGSHIP | {"unet": "fp16"})
+    # fp16 weights: Linear stays f16 in the CPU plugin, convolutions expand to f32 (2.26 B/param vs int8's 1.05)
+    assert fp16 - memory == pytest.approx(SDXL["unet"] * (budget.run_bytes_per_param("fp16") - 1.05), rel=1e-6)
+
+
+def test_memory_follows_the_gate_resolution_and_the_guidance_batch() -> None:
+    at_1024, _ = _memory(FLAGSHIP)
+    at_512, _ = _memory(FLAGSHIP, 512, 512)
+    batch_1, _ = _memory(FLAGSHIP, batch=1)
+    assert at_512 < batch_1 < at_1024
+    assert at_1024 - batch_1 == pytest.approx(budget.DENOISER_AT_1024 / 2, rel=1e-6)
+
+
+def test_without_a_pipeline_run_the_export_or_the_vae_sets_the_peak() -> None:
+    _, phase = _memory(FLAGSHIP | {"unet": "fp32"}, 256, None)
+    assert phase == "export: unet"
+    _, phase = _memory({"vae_decoder": "fp16"}, 1024, None)
+    assert phase == "validate: VAE decode at 1024x1024"
+
+
+def _machine(memory: float, free: dict[str, float], shares: dict[str, str]) -> Machine:
+    return Machine(int(memory * GIB), "available RAM", {k: int(v * GB) for k, v in free.items()}, shares)
+
+
+def test_uses_on_one_disk_add_up() -> None:
+    needs = Needs(int(8 * GIB), "validate: unet", {"downloads": int(7 * GB), "bundle": int(4 * GB),
+                                                   "component cache": int(4 * GB)})
+    one_disk = _machine(16, {"downloads": 14, "bundle": 14, "component cache": 14},
+                        {"downloads": "downloads", "bundle": "downloads", "component cache": "downloads"})
+    assert budget.shortfalls(needs, one_disk) == [
+        "about 15.0 GB of disk for downloads + bundle + component cache but 14.0 GB are free there"]
+    three_disks = _machine(16, {"downloads": 8, "bundle": 5, "component cache": 5},
+                           {"downloads": "downloads", "bundle": "bundle", "component cache": "component cache"})
+    assert budget.shortfalls(needs, three_disks) == []
+    small = _machine(6, {"downloads": 100, "bundle": 100, "component cache": 100},
+                     {"downloads": "downloads", "bundle": "downloads", "component cache": "downloads"})
+    assert budget.shortfalls(needs, small) == [
+        "about 8.0 GiB of memory at peak (validate: unet) but 6.0 GiB is the available RAM"]
+
+
+def test_available_memory_reads_the_cgroup_limit_and_the_override(tmp_path: Path) -> None:
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n")
+    (proc / "self" / "status").write_text("VmRSS: 100000 kB\n")
+    (proc / "self" / "cgroup").write_text("12:memory:/runner\n0::/\n")
+    (cgroup / "memory" / "runner").mkdir(parents=True)
+    (cgroup / "memory" / "runner" / "memory.limit_in_bytes").write_text(str(14 * GIB))
+    assert budget.cgroup_limit(proc, cgroup) == 14 * GIB
+    (cgroup / "memory" / "runner" / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "unlimited"
+    assert budget.cgroup_limit(proc, cgroup) is None
+    assert budget.available_memory({budget.MEMORY_ENV: "12.5"}) == (int(12.5 * GIB), budget.MEMORY_ENV)
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-3", "nan", "inf"])
+def test_a_bad_memory_override_is_a_usage_error(raw: str, tmp_path: Path, tiny_sources: dict[str, Path],
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(budget.MEMORY_ENV, raw)
+    path = local_recipe(tmp_path, "bad-memory-env", tiny_sources)
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 64
+    assert one_error_line(capsys).startswith(f"error: {budget.MEMORY_ENV}={raw!r} is not a number of GiB above 0")
+    assert_nothing_written(tmp_path / "art", "bad-memory-env")
+
+
+def test_plan_json_carries_the_estimate(tmp_path: Path, tiny_sources: dict[str, Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = local_recipe(tmp_path, "planned", tiny_sources)
+    assert main(["--json", "--artifacts", str(tmp_path / "art"), "convert", str(path), "--plan"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    estimate = plan["estimate"]
+    assert 1.0 < estimate["peak_memory_gib"] < 4.0 and estimate["memory_phase"].startswith(("export", "validate"))
+    assert 0 < estimate["disk_gb"]["bundle"] < 0.2 and estimate["disk_gb"]["downloads"] == 0
+    assert plan["fits"] is True and plan["shortfalls"] == [] and plan["machine"]["memory_gib"] > 0
+
+
+def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_sources: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(budget.MEMORY_ENV, "0.5")
+    path = local_recipe(tmp_path, "too-big", tiny_sources)
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 7
+    line = one_error_line(capsys)
+    assert line.startswith("error: too-big does not fit this machine: about ")
+    assert f"GiB of memory at peak" in line and f"but 0.5 GiB are allowed by {budget.MEMORY_ENV}" in line
+    assert f"set {budget.MEMORY_ENV}" in line
+    assert_nothing_written(tmp_path / "art", "too-big")
+    assert not (tmp_path / "art" / "cache").exists() or not any((tmp_path / "art" / "cache").iterdir())
