@@ -66,6 +66,11 @@ class Needs:
         return (f"needs about {gib(self.memory)} GiB of memory at peak ({self.memory_phase}) and "
                 f"{gb(self.disk_total)} GB of disk ({parts or 'nothing new'})")
 
+    def without(self, use: str) -> Needs:
+        """The same build without one disk use (e.g. not storing into the component cache)."""
+        return Needs(self.memory, self.memory_phase, {k: (0 if k == use else v) for k, v in self.disk.items()},
+                     self.assumed)
+
     def to_json(self) -> dict[str, Any]:
         return {"peak_memory_gib": round(self.memory / GIB, 2), "memory_phase": self.memory_phase,
                 "disk_gb": {k: round(v / GB, 2) for k, v in self.disk.items()},

@@ -270,6 +270,13 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
     needs, machine = needs_of(resolution, workspace)
     notify(f"plan: {needs.describe()}")
     problems = budget.shortfalls(needs, machine)
+    stores = True
+    if problems and needs.disk.get("component cache") and not budget.shortfalls(needs.without("component cache"), machine):
+        # the cache only saves later exports; the bundle is the job (a 14 GB CI runner holds downloads + bundle only)
+        stores, problems, needs = False, [], needs.without("component cache")
+        free = budget.gb(machine.free[machine.shares["component cache"]])
+        notify(f"component cache: not storing this build's components ({free} GB free holds the downloads and the "
+               f"bundle, not a second copy of it); a later change re-exports them")
     if problems:
         raise ResourcesError(f"{recipe.name} does not fit this machine: {'; '.join(problems)}", hint=budget.FIT_HINT)
     with _stage("staging", StageTimes(), workspace, PackageError):
@@ -279,7 +286,8 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
     try:
         bundle_dir.mkdir()
         log_path.unlink(missing_ok=True)
-        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path, needs), resolution
+        return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path, needs,
+                           stores), resolution
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -328,7 +336,8 @@ class StageTimes(dict[str, float]):
 
 
 def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: Path, workspace: Workspace,
-                notify: Progress, timings: StageTimes, log: Path, needs: Needs | None = None) -> BuildResult:
+                notify: Progress, timings: StageTimes, log: Path, needs: Needs | None = None,
+                stores: bool = True) -> BuildResult:
     from convert.export import export_pipeline
     from convert.patch import patch
     from validate.checks import run_validation
@@ -356,7 +365,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         apply_scheduler(patched.pipeline, recipe.scheduler)
 
     with _stage("export", timings, workspace, ExportError, log, need):
-        cache = ComponentCache(workspace.component_cache)
+        cache = ComponentCache(workspace.component_cache, stores)
         cache.remove_stale_temporaries()
         exported = export_pipeline(patched, recipe, bundle_dir, resolution.build_id, notify, cache,
                                    key_inputs(resolution))
@@ -404,7 +413,8 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
         needs=needs,
         disk_written={"downloads": sum(f.bytes_downloaded for f in fetched.values()),
                       "bundle": disk.folder_bytes(bundle.path),
-                      "component cache": sum(disk.folder_bytes(bundle.path / e.name) for e in exported if not e.reused)},
+                      "component cache": sum(disk.folder_bytes(bundle.path / e.name) for e in exported if not e.reused)
+                      if stores else 0},
     )
 
 

@@ -149,6 +149,7 @@ def component_keys(resolution: Resolution) -> dict[str, str]:
 @dataclass(frozen=True)
 class ComponentCache:
     root: Path
+    stores: bool = True  # False: entries are read, never added (the disk cannot hold the copies, see convert.budget)
 
     def entry(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -185,7 +186,7 @@ class ComponentCache:
     def store(self, key: str, source: Path, inputs: dict[str, Any]) -> None:
         """Add a freshly exported submodel folder; a failure to cache never fails the build."""
         entry = self.entry(key)
-        if entry.is_dir():
+        if entry.is_dir() or not self.stores:
             return
         tmp = self.root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
         try:

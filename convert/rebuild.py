@@ -56,6 +56,8 @@ class RebuildOutcome:
     reused_components: list[str] = field(default_factory=list)
     exported_components: list[str] = field(default_factory=list)
     report: str | None = None  # the validation report of a failed gate (broken/<id>/validation)
+    estimate: dict[str, Any] | None = None  # the build's memory/disk estimate (convert.budget), when it built
+    peak_rss_gib: dict[str, float] = field(default_factory=dict)  # stage -> the build's peak RSS by its end
 
     def to_json(self) -> dict[str, Any]:
         return {k: (round(v, 2) if k == "seconds" else v) for k, v in self.__dict__.items()}
@@ -138,7 +140,9 @@ def _rebuild_locked(recipe: Recipe, recipe_path: Path, workspace: Workspace, sta
     return RebuildOutcome(recipe.name, "rebuilt", time.monotonic() - started, build_id, changed,
                           message=f"published to {repo} at {done.commit} (tag {done.tag})", commit=done.commit,
                           tag=done.tag, bundle=str(result.bundle), reused_components=result.reused_components,
-                          exported_components=result.exported_components)
+                          exported_components=result.exported_components,
+                          estimate=result.needs.to_json() if result.needs else None,
+                          peak_rss_gib={k: round(v, 2) for k, v in result.peak_rss_gib.items()})
 
 
 def publishable_recipes(folders: list[Path]) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 from convert import budget
 from convert.budget import GB, GIB, Machine, Needs
 from convert.cli import main
-from tests.test_faults import assert_nothing_written, local_recipe, one_error_line
+from tests.test_faults import assert_nothing_written, local_recipe, mounted_tmpfs, one_error_line  # noqa: F401 (fixture)
 
 SDXL = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684, "vae": 83_653_863}
 FLAGSHIP = {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"}
@@ -112,3 +112,24 @@ def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_sour
     assert f"set {budget.MEMORY_ENV}" in line
     assert_nothing_written(tmp_path / "art", "too-big")
     assert not (tmp_path / "art" / "cache").exists() or not any((tmp_path / "art" / "cache").iterdir())
+
+
+def test_a_disk_too_small_for_the_cache_copy_builds_without_storing(
+        tmp_path: Path, tiny_sources: dict[str, Path], mounted_tmpfs, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The component cache only saves later exports: where the disk holds the bundle but not a second copy
+    (a 14 GB CI runner with a full-size flagship), the build goes on without storing, and says so."""
+    from convert import build as build_mod
+
+    path = local_recipe(tmp_path, "no-room-for-cache", tiny_sources)
+    plan = build_mod.plan(path, build_mod.Workspace(artifacts=tmp_path / "probe"))
+    assert plan.needs is not None
+    bundle, cache = plan.needs.disk["bundle"], plan.needs.disk["component cache"]
+    size = (bundle + cache // 3 + 8 * 2**20) // 2**20  # MiB: the bundle and a bit, not the cache's copy
+    art = mounted_tmpfs("tight", f"size={size}m")
+    assert main(["--json", "--artifacts", str(art), "convert", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "built" and out["disk_written_gb"]["component cache"] == 0
+    assert out["estimate"]["disk_gb"]["component cache"] == 0
+    cache_dir = art / "cache"
+    assert not cache_dir.exists() or not any(p.is_file() for p in cache_dir.rglob("*"))

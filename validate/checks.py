@@ -92,7 +92,9 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
     full = settings.resolution or patched.family.native_resolution(pipeline)
     small = min(full, settings.small_resolution)
     sets: list[InputSet] = []
-    n_full = min(settings.full_resolution_images, len(settings.images))
+    # where the small side is the full one (a native size at or below small_resolution) every image is one set:
+    # two sets of one name would overwrite each other's references
+    n_full = len(settings.images) if small == full else min(settings.full_resolution_images, len(settings.images))
     with stage_errors("inputs", bundle_dir):
         if n_full:
             sets.append(image_set(original_vae, settings.images[:n_full], full))
