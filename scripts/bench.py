@@ -340,6 +340,7 @@ def render(results: dict[str, Any], lay: Layout = FULL) -> str:
     lines += bench_extra.render_gate(results.get("gate", {}), latest, measured_note)
     lines += bench_extra.render_single_file(results.get("single_file", {}), results.get("convert", {}), latest, measured_note)
     lines += bench_extra.render_rebuild(results.get("rebuild", {}), latest, measured_note)
+    lines += bench_extra.render_runner(results.get("runner", {}), latest, measured_note)
     for note in results.get("notes", {}).values():
         lines += ["", f"## {note['title']}", "", *note["markdown"].splitlines()]
         lines += measured_note({"this section": note}, latest)
@@ -348,7 +349,7 @@ def render(results: dict[str, Any], lay: Layout = FULL) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
-STEPS = ("source", "convert", "speed", "parity", "gate", "single-file", "rebuild")
+STEPS = ("source", "convert", "speed", "parity", "gate", "single-file", "rebuild", "runner")
 STEPS_HELP = (
     "comma-separated subset of the steps, in this order; full-size cost on the 2-core VM: "
     "source (generate the 6.5 GiB input once: ~2 min, 7 GiB), "
@@ -358,7 +359,9 @@ STEPS_HELP = (
     "single-file (generate the single file: ~1-2.6 min / 7.4 GiB; convert it: measured 3.3 min / 19 GiB; "
     "needs ours-fp16; both 6.5 GiB files are deleted after), "
     "rebuild (local Hub: upload 6.5 GiB, measured: first rebuild 4.5 min / 12 GiB, no-op 0.5 s, VAE-only rebuild 2.5 min; "
-    "up to ~36 GiB of disk, freed at the end)"
+    "up to ~36 GiB of disk, freed at the end), "
+    "runner (scripts/runner_sim.py, root: upload 6.9 GB to a local Hub, then the flagship-shaped rebuild with its own gate "
+    "at 1024 inside a 14 GiB cgroup on a 14 GB disk, then a no-op rebuild; ~1 h on the 2-core VM)"
 )
 
 
@@ -423,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_extra.step_single_file(results, lay, save)
     if "rebuild" in steps:
         bench_extra.step_rebuild(results, lay, save)
+    if "runner" in steps:
+        bench_extra.step_runner(results, lay, save)
     print(lay.report.read_text())
     return 0
 

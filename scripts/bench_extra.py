@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +465,38 @@ def render_rebuild(entry: dict[str, Any], latest: str | None, note: Note) -> lis
 
 
 WORKERS: dict[str, Callable[..., None]] = {"_gate_capture": _gate_capture, "_gate": _gate, "_sf_parity": _sf_parity}
+
+
+def step_runner(results: dict[str, Any], lay: Layout, save: Save) -> None:
+    """scripts/runner_sim.py: the flagship-shaped rebuild inside a 14 GiB memory cgroup on a 14 GB disk (root only)."""
+    import argparse
+
+    import runner_sim
+
+    if os.geteuid() != 0:
+        print("runner: skipped: needs root (a memory cgroup and a loop mount)")
+        return
+    args = argparse.Namespace(input=str(lay.source), work=str(lay.bench / "runner-sim"), memory_gib=14.0, disk_gb=14.0,
+                              cgroup="sdxl-runner-sim", keep=False)
+    steps = runner_sim.run(args)
+    results["runner"] = stamped({"memory_gib": args.memory_gib, "disk_gb": args.disk_gb,
+                                 "steps": [asdict(s) for s in steps]})
+    save()
+
+
+def render_runner(entry: dict[str, Any], latest: str | None, note: Note) -> list[str]:
+    if not entry.get("steps"):
+        return []
+    import runner_sim
+
+    steps = [runner_sim.Step(**s) for s in entry["steps"]]
+    lines = ["", "## Issue 18: the scheduled-rebuild runner, simulated", "",
+             f"`scripts/runner_sim.py` (`just bench --steps runner`, root): GitHub's `ubuntu-24.04` runner has 16 GB of RAM "
+             f"(~2 GB taken by the runner) and 14 GB of disk, so the flagship-shaped rebuild "
+             f"(recipes/bench-sdxl-fp16fix-shapes.yaml: sdxl-fp16fix's settings and its own gate at 1024x1024, Hub sources "
+             f"served by tests/hub_server.py) runs inside a cgroup v1 memory group limited to {entry['memory_gib']:g} GiB "
+             f"(no swap) with the Hugging Face cache, the artifacts and the component cache on a {entry['disk_gb']:g} GB "
+             f"loop-mounted ext4. Peak RSS: `/usr/bin/time -v`; cgroup peak: `memory.max_usage_in_bytes` (RSS plus the page "
+             f"cache charged to the group, which the kernel reclaims before it kills); peak disk: sampled every second.", "",
+             *runner_sim.table(steps, entry["memory_gib"], entry["disk_gb"])]
+    return lines + note({"runner": entry}, latest)

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core beside this file
 
-from bench_core import BIN, FULL, GIB, PYTHON, ROOT, folder_bytes, measure, stamped  # noqa: E402
+from bench_core import BIN, FULL, GIB, PYTHON, ROOT, measure, stamped  # noqa: E402
 
 GB = 1000**3
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
