@@ -16,23 +16,26 @@ SDXL = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_56
 FLAGSHIP = {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"}
 
 
-def _memory(weights: dict[str, str], resolution: int = 1024, pipeline: int | None = 1024, batch: int = 2) -> tuple[int, str]:
+def _memory(weights: dict[str, str], resolution: int = 1024, pipeline: int | None = 1024, batch: int = 2,
+            vae: bool = True) -> tuple[int, str]:
     return budget.estimate_memory(SDXL, weights, denoiser="unet", vae_resolution=resolution,
-                                  pipeline_resolution=pipeline, guidance_batch=batch, vae_checked=True)
+                                  pipeline_resolution=pipeline, guidance_batch=batch, vae_checked=vae)
 
 
-def test_the_denoiser_compiled_for_the_pipeline_run_sets_the_full_size_peak() -> None:
+def test_the_denoiser_and_the_vae_checks_set_the_full_size_peak() -> None:
     memory, phase = _memory(FLAGSHIP)
     assert phase == "validate: unet compiled at f32 for 1024x1024, batch 2"
+    vae, vae_phase = _memory(FLAGSHIP, pipeline=None)
+    assert vae_phase == "validate: VAE decode at 1024x1024" and vae == pytest.approx(memory, rel=0.02)  # measured 9.07 / 9.14
     fp16, _ = _memory(FLAGSHIP | {"unet": "fp16"})
     # fp16 weights: Linear stays f16 in the CPU plugin, convolutions expand to f32 (2.26 B/param vs int8's 1.05)
     assert fp16 - memory == pytest.approx(SDXL["unet"] * (budget.run_bytes_per_param("fp16") - 1.05), rel=1e-6)
 
 
 def test_memory_follows_the_gate_resolution_and_the_guidance_batch() -> None:
-    at_1024, _ = _memory(FLAGSHIP)
-    at_512, _ = _memory(FLAGSHIP, 512, 512)
-    batch_1, _ = _memory(FLAGSHIP, batch=1)
+    at_1024, _ = _memory(FLAGSHIP, vae=False)
+    at_512, _ = _memory(FLAGSHIP, 512, 512, vae=False)
+    batch_1, _ = _memory(FLAGSHIP, batch=1, vae=False)
     assert at_512 < batch_1 < at_1024
     assert at_1024 - batch_1 == pytest.approx(budget.DENOISER_AT_1024 / 2, rel=1e-6)
 
@@ -108,7 +111,7 @@ def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_sour
     assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 7
     line = one_error_line(capsys)
     assert line.startswith("error: too-big does not fit this machine: about ")
-    assert f"GiB of memory at peak" in line and f"but 0.5 GiB are allowed by {budget.MEMORY_ENV}" in line
+    assert "GiB of memory at peak" in line and f"but 0.5 GiB are allowed by {budget.MEMORY_ENV}" in line
     assert f"set {budget.MEMORY_ENV}" in line
     assert_nothing_written(tmp_path / "art", "too-big")
     assert not (tmp_path / "art" / "cache").exists() or not any((tmp_path / "art" / "cache").iterdir())
