@@ -30,8 +30,8 @@ GB = 1000**3
 MEMORY_ENV = "SDXL_CONVERT_MEMORY_GIB"
 KEEP_FREE_ENV = "SDXL_CONVERT_KEEP_FREE_GIB"  # convert.disk's reserve, named here for the message
 
-#: The process with torch, OpenVINO, optimum and diffusers imported (tiny builds peak near it).
-LIBRARIES = 1.3 * GIB
+#: The process with torch, OpenVINO, optimum and diffusers imported (the tiny flagship peaks at 1.15 GiB).
+LIBRARIES = 1.1 * GIB
 #: Bytes of peak RSS per parameter while the largest component is converted and compressed (an
 #: export worker process: the mmapped source weights, OpenVINO's graph, NNCF's compressed copy).
 EXPORT_PER_PARAM: Mapping[str, float] = {"fp32": 4.6, "fp16": 2.3, "int8": 1.7, "int4": 1.7}
@@ -42,12 +42,13 @@ RUN_PER_PARAM: Mapping[str, float] = {"fp32": 4.0, "int8": 1.05, "int4": 0.55}
 LINEAR_SHARE = 0.87
 #: The VAE checks at 1024x1024: the torch f32 reference decode (+3.8 GiB alone), then the IR's f32,
 #: emulated and tapped decodes one at a time. Measured: 9.07 GiB peak for the flagship's VAE phase.
-VAE_AT_1024 = 6.8 * GIB
+VAE_AT_1024 = 7.2 * GIB
 #: Activations of the denoiser at 1024x1024 for the guidance batch of 2 (the emulated f16 run is the
 #: larger). Measured: 9.14 GiB peak in the flagship's end-to-end f16 run with its int8 UNet.
-DENOISER_AT_1024 = 4.3 * GIB
-#: The validate stage holds the patched torch pipeline's VAE (the reference) and the IRs read.
-VALIDATE_EXTRA = 1.0 * GIB
+DENOISER_AT_1024 = 4.7 * GIB
+#: Bytes per parameter of the whole pipeline the validate stage holds besides its compiled models
+#: (the patched torch pipeline's leftovers, the f32 reference VAE, the IRs read): 1.6-1.9 GiB at full size.
+VALIDATE_PER_PARAM = 0.25
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, de
     if exported:
         largest = max(exported, key=lambda c: exported[c] * EXPORT_PER_PARAM.get(weights[c], 2.3))
         phases[f"export: {largest}"] = LIBRARIES + exported[largest] * EXPORT_PER_PARAM.get(weights[largest], 2.3)
-    base = LIBRARIES + VALIDATE_EXTRA
+    base = LIBRARIES + VALIDATE_PER_PARAM * sum(params.values())
     if vae_checked:
         phases[f"validate: VAE decode at {vae_resolution}x{vae_resolution}"] = (
             base + VAE_AT_1024 * (vae_resolution / 1024) ** 2)
