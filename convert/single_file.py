@@ -115,6 +115,28 @@ class FusedLora:
     modules: dict[str, int]  # target -> LoRA modules fused into it
 
 
+#: LyCORIS layer kinds diffusers' LoRA loader cannot read (their key parts), by name.
+_LYCORIS = {"LoHa": ("hada_w1_a", "hada_w2_a"), "LoKr": ("lokr_w1", "lokr_w2"), "(IA)^3": ("on_input",)}
+
+
+def unsupported_lora_keys(header: Mapping[str, Any]) -> str | None:
+    """Why a LoRA file cannot be fused faithfully, from its keys; None if it is a plain LoRA.
+
+    diffusers fuses a kohya DoRA file's low-rank matrices and drops its magnitude vectors
+    (`.dora_scale`) with a warning: a different model than its author trained, shipped silently.
+    """
+    keys = [k for k in header if k != "__metadata__"]
+    dora = sum(1 for k in keys if k.endswith(("dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")))
+    if dora:
+        return (f"is a DoRA LoRA: {dora} of its {len(keys)} tensors are DoRA magnitudes (.dora_scale) that diffusers' "
+                f"loader drops while it fuses the rest; DoRA is not supported")
+    for kind, parts in _LYCORIS.items():
+        found = sum(1 for k in keys if any(f".{p}" in k or k.endswith(p) for p in parts))
+        if found:
+            return f"holds LyCORIS {kind} layers ({found} tensors), which diffusers' LoRA loader cannot fuse"
+    return None
+
+
 def lora_modules(state_dict: Mapping[str, Any]) -> dict[str, int]:
     """LoRA layers per pipeline component in diffusers' converted state dict (one down/A matrix per layer)."""
     counts: dict[str, int] = {}
@@ -135,6 +157,10 @@ def fuse_lora(pipe: Any, lora: Lora, fetched: FetchedSource) -> FusedLora:
 
     role, file = fetched.role, fetched.path / str(lora.source.file)
     fix = "use a LoRA trained for this model family, or fix its targets in the recipe"
+    unsupported = unsupported_lora_keys(read_safetensors_header(file))
+    if unsupported:
+        raise PatchError(f"{role}: {lora.source.file} {unsupported}", hint="use a plain LoRA of this file (kohya or "
+                         "peft, without DoRA or LyCORIS), e.g. re-exported by its trainer")
     try:
         state, _alphas = pipe.lora_state_dict(str(file))
     except (ValueError, KeyError, RuntimeError, OSError) as e:

@@ -177,3 +177,38 @@ def test_a_text_encoder_lora_fuses_like_diffusers_and_refuses_the_wrong_target(
     wrong = Lora.model_validate({"source": {"local": {"path": str(tmp_path)}, "file": file.name}, "targets": ["unet"]})
     with pytest.raises(PatchError, match=rf"also holds {layers} text_encoder LoRA layers, outside its targets"):
         fuse_lora(_load(fixtures), wrong, fetched)
+
+
+@pytest.mark.parametrize(("suffix", "said"), [
+    ("dora_scale", "is a DoRA LoRA: {n} of its {total} tensors are DoRA magnitudes (.dora_scale) that diffusers' loader "
+                   "drops while it fuses the rest; DoRA is not supported"),
+    ("hada_w1_a", "holds LyCORIS LoHa layers ({n} tensors), which diffusers' LoRA loader cannot fuse"),
+])
+def test_dora_and_lycoris_loras_are_refused_with_the_count(suffix: str, said: str, fixtures: dict[str, Path],
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """diffusers fuses a DoRA file's low-rank part and drops the magnitudes with a warning: never silently (issue 19)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from convert.cli import main
+    from tests.test_faults import one_error_line
+
+    tensors = load_file(str(fixtures["tiny-sdxl-lora"] / LORA_KOHYA))
+    modules = sorted({k.rsplit(".", 2)[0] for k in tensors if k.endswith("lora_down.weight")})
+    extra = {f"{m}.{suffix}": torch.ones(1, 4) for m in modules}
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    save_file(tensors | extra, str(lora_dir / "odd-lora.safetensors"))
+    base = tmp_path / "base"
+    shutil.copytree(fixtures["tiny-sdxl-single-file"], base)
+    recipe = tmp_path / "odd-lora.yaml"
+    recipe.write_text(
+        "schema_version: 1\nname: odd-lora\n"
+        f"base:\n  local: {{path: {base}}}\n  file: {CHECKPOINT}\n  config:\n    local: {{path: {fixtures['tiny-sdxl-single-file-config']}}}\n"
+        f"lora:\n  - source: {{local: {{path: {lora_dir}}}, file: odd-lora.safetensors}}\n    targets: [unet]\n")
+    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe)]) == 4
+    line = one_error_line(capsys)
+    assert line.startswith("error: lora.0: odd-lora.safetensors " + said.format(n=len(extra), total=len(tensors) + len(extra)))
+    assert line.endswith("use a plain LoRA of this file (kohya or peft, without DoRA or LyCORIS), e.g. re-exported by its trainer")
+    assert not (tmp_path / "art" / "odd-lora").exists()
