@@ -228,6 +228,11 @@ class NNCFSettings(_Strict):
     def _group_size(cls, value: int | None) -> int | None:
         if value is not None and value <= 0 and value != -1:
             raise ValueError(f"{value} is not a group size: use a positive number of weights (e.g. 64, 128) or -1 per channel")
+        if value is not None and value > 0 and value & (value - 1):
+            # NNCF needs every layer's input channels divisible by it (SDXL's: multiples of 64, e.g. 320, 2816);
+            # anything else failed after minutes of compression with a 213-line message
+            raise ValueError(f"{value} is not a power of two: NNCF splits each layer's input channels into groups of "
+                             f"this size (use e.g. 32, 64, 128, or -1 per channel)")
         return value
 
 

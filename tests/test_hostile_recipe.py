@@ -128,6 +128,8 @@ def test_nonsense_validation_settings(tmp_path: Path, capsys: pytest.CaptureFixt
     [
         ("components: {unet: {weights: int4, nncf: {group_size: 0}}}",
          "components.unet.nncf.group_size: 0 is not a group size: use a positive number of weights (e.g. 64, 128) or -1"),
+        ("components: {unet: {weights: int4, nncf: {group_size: 7}}}",
+         "components.unet.nncf.group_size: 7 is not a power of two: NNCF splits each layer's input channels into groups"),
         ("substitutions: {vae_decoder: {source: {generated: {generator: tiny-sdxl-vae-fp16-fix}}}}",
          "substitutions: cannot substitute 'vae_decoder' alone; did you mean 'vae'?"),
         ("substitutions: {vae_encoder: {source: {generated: {generator: tiny-sdxl-vae-fp16-fix}}}}",
