@@ -109,6 +109,9 @@ def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, de
     if vae_checked:
         phases[f"validate: VAE decode at {vae_resolution}x{vae_resolution}"] = (
             base + VAE_AT_1024 * (vae_resolution / 1024) ** 2)
+    if pipeline_resolution:  # every other part compiled alone at f32 (SD3's T5: 4.7 B parameters)
+        for part in (p for p in weights if p != denoiser and not p.startswith("vae_")):
+            phases[f"validate: {part} compiled at f32"] = base + exported[part] * run_bytes_per_param(weights[part])
     if pipeline_resolution and denoiser in weights:
         resident = params.get(denoiser, 0) * run_bytes_per_param(weights[denoiser])
         act = DENOISER_AT_1024 * guidance_batch / 2 * (pipeline_resolution / 1024) ** 2
