@@ -499,4 +499,6 @@ def render_runner(entry: dict[str, Any], latest: str | None, note: Note) -> list
              f"loop-mounted ext4. Peak RSS: `/usr/bin/time -v`; cgroup peak: `memory.max_usage_in_bytes` (RSS plus the page "
              f"cache charged to the group, which the kernel reclaims before it kills); peak disk: sampled every second.", "",
              *runner_sim.table(steps, entry["memory_gib"], entry["disk_gb"])]
+    if entry.get("code"):
+        lines += ["", f"Code measured: {entry['code']}."]
     return lines + note({"runner": entry}, latest)
