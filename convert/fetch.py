@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import re
@@ -330,8 +331,11 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise NotSafetensors("the header is not a JSON object")
     data_bytes = size - 8 - length
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise NotSafetensors("__metadata__ is not a map of strings")
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(v, int) for v in offsets)
@@ -340,7 +344,34 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         start, end = offsets
         if not 0 <= start <= end <= data_bytes:
             raise NotSafetensors(f"tensor {name!r} lies outside the file (bytes {start}..{end} of {data_bytes}); truncated?")
+        _check_tensor(name, entry["dtype"], entry["shape"], end - start)
+        spans.append((start, end, name))
+    _check_layout(spans, data_bytes)
     return header
+
+
+def _check_tensor(name: str, dtype: str, shape: list[Any], span: int) -> None:
+    """What safetensors' loader checks per tensor (else it fails later, naming a staging link or nothing)."""
+    if dtype not in DTYPE_BYTES:
+        raise NotSafetensors(f"tensor {name!r} has dtype {dtype!r}, which safetensors does not know")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise NotSafetensors(f"tensor {name!r} has shape {shape}, not a list of sizes")
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if need != span:
+        raise NotSafetensors(f"tensor {name!r} of shape {shape} and dtype {dtype} needs {need} bytes, its data_offsets "
+                             f"span {span}")
+
+
+def _check_layout(spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """Tensors tile the data area exactly, in order: no overlap, no gap, nothing after the last one."""
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            raise NotSafetensors(f"tensor {name!r} starts at byte {start} of the data, expected {at} "
+                                 f"({'overlapping the tensor before it' if start < at else 'a gap before it'})")
+        at = end
+    if at != data_bytes:
+        raise NotSafetensors(f"{data_bytes - at} bytes after the last tensor's data")
 
 
 def tensor_params(header: dict[str, Any]) -> int:

@@ -162,6 +162,34 @@ HEADER_CASES = {
 }
 
 
+def _in_bounds(tensors: dict[str, dict[str, object]], data: int) -> bytes:
+    """A header whose offsets all lie inside the file, followed by `data` bytes."""
+    raw = json.dumps(tensors).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * data
+
+
+# invalid but in bounds (issue 19): what safetensors' loader refuses later, naming a staging link
+HEADER_CASES |= {
+    "unknown-dtype": (_in_bounds({"w": {"dtype": "F17", "shape": [4], "data_offsets": [0, 16]}}, 16),
+                      "tensor 'w' has dtype 'F17', which safetensors does not know"),
+    "shape-vs-span": (_in_bounds({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, 16),
+                      "tensor 'w' of shape [3] and dtype F32 needs 12 bytes, its data_offsets span 16"),
+    "negative-size": (_in_bounds({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, 16),
+                      "tensor 'w' has shape [-4], not a list of sizes"),
+    "overlap": (_in_bounds({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                            "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24),
+                "tensor 'b' starts at byte 8 of the data, expected 16 (overlapping the tensor before it)"),
+    "gap": (_in_bounds({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, 24),
+            "tensor 'b' starts at byte 16 of the data, expected 8 (a gap before it)"),
+    "trailing-bytes": (_in_bounds({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 20),
+                       "4 bytes after the last tensor's data"),
+    "bad-metadata": (_in_bounds({"__metadata__": {"format": 3}, "w": {"dtype": "F32", "shape": [4],
+                                                                      "data_offsets": [0, 16]}}, 16),
+                     "__metadata__ is not a map of strings"),
+}
+
+
 @pytest.mark.parametrize("case", sorted(HEADER_CASES))
 def test_corrupt_safetensors_in_a_local_source_exit_3(case: str, tmp_path: Path, tiny_sources: dict[str, Path],
                                                       artifacts_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
