@@ -91,7 +91,7 @@ def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: i
     from validate.pipeline_run import load_pipeline, run_at_f32
 
     pipe = load_pipeline(bundle_dir, family.optimum_class)
-    run_at_f32(pipe, ov.Core())
+    turns = run_at_f32(pipe, ov.Core())
     result = pipe(
         prompt,
         num_inference_steps=steps,
@@ -101,6 +101,7 @@ def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: i
     )
     latents = np.asarray(result.images, dtype=np.float32)
     decoder_input, how = family.decoder_latents(latents, pipe.vae_decoder.config)
+    turns.release()
     del pipe
     return InputSet(
         name=f"denoise@{size}",

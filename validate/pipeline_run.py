@@ -75,6 +75,13 @@ class OneAtATime:
             self.holder.release()
         self.holder = request
 
+    def release(self) -> None:
+        """The run is over: drop the last part's compiled models now, not when a garbage collection
+        finds the pipeline's reference cycles (the full-size UNet lingered into the VAE checks: 10 GiB)."""
+        if self.holder is not None:
+            self.holder.release()
+            self.holder = None
+
 
 class PartRequest:
     """Stands in for one optimum part's compiled request; compiles once per input shape.
@@ -164,15 +171,16 @@ def load_pipeline(bundle_dir: Path, optimum_class: str = "OVStableDiffusionXLPip
     return getattr(optimum.intel, optimum_class).from_pretrained(bundle_dir, device="CPU", compile=False)
 
 
-def run_at_f32(pipeline: Any, core: ov.Core) -> None:
+def run_at_f32(pipeline: Any, core: ov.Core) -> OneAtATime:
     """Every part of `pipeline` (loaded uncompiled) runs at f32 on the CPU, one part compiled at a time.
 
     f32 on every CPU: the default hint is bf16 where the CPU has it and f32 elsewhere, which
-    made the inputs this run feeds the gate depend on the machine.
+    made the inputs this run feeds the gate depend on the machine. Release the returned turns after the run.
     """
     mode = ExecutionMode("f32", "CPU", False, "explicit f32 hint")
     turns = OneAtATime()
     install(pipeline, {part: PartRequest(core, model, mode, turns=turns) for part, model in pipeline.ov_models.items()})
+    return turns
 
 
 def install(pipeline: Any, requests: Mapping[str, PartRequest]) -> None:
