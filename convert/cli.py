@@ -434,7 +434,8 @@ def _render_plan(plan: Any) -> None:
     else:
         console.print(f"[bold]Resources[/] {plan.needs.describe()}", highlight=False)
         m = plan.machine
-        free = ", ".join(f"{use} {v / 1000**3:.1f} GB" for use, v in m.free.items() if m.shares[use] == use)
+        free = "; ".join(f"{v / 1000**3:.1f} GB for {', '.join(u for u in m.shares if m.shares[u] == use)}"
+                         for use, v in m.free.items() if m.shares[use] == use)
         console.print(f"  this machine: {m.memory / 1024**3:.1f} GiB of memory ({m.memory_source}); free disk: {free}",
                       highlight=False)
         for line in plan.needs.assumed:
