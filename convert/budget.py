@@ -4,7 +4,7 @@ A full-size build that does not fit is OOM-killed or fills the disk after tens o
 The estimate comes from what is known after resolve (metadata only): each component's
 parameter count (safetensors headers where the file is on this machine, else file size over
 its dtype width), the recipe's weight formats and the gate's resolutions. It models the
-peaks measured at full size (BENCHMARKS.md, "Full-size builds with their own gate"):
+peaks measured at full size (BENCHMARKS.md, "Issue 18: the flagship at full size with its own default gate"):
 
 * export: the library process plus the largest component being converted and compressed;
 * validate: the library process plus the torch pipeline kept for the reference VAE, plus the
