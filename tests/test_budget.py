@@ -10,7 +10,8 @@ import pytest
 from convert import budget
 from convert.budget import GB, GIB, Machine, Needs
 from convert.cli import main
-from tests.test_faults import assert_nothing_written, local_recipe, mounted_tmpfs, one_error_line  # noqa: F401 (fixture)
+from tests.test_faults import (  # noqa: F401 (mounted_tmpfs: a fixture)
+    assert_nothing_written, local_recipe, mounted_tmpfs, nothing_changes_outside, one_error_line)
 
 SDXL = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684, "vae": 83_653_863}
 FLAGSHIP = {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"}
@@ -108,7 +109,8 @@ def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_sour
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(budget.MEMORY_ENV, "0.5")
     path = local_recipe(tmp_path, "too-big", tiny_sources)
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 7
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 7
     line = one_error_line(capsys)
     assert line.startswith("error: too-big does not fit this machine: about ")
     assert "GiB of memory at peak" in line and f"but 0.5 GiB are allowed by {budget.MEMORY_ENV}" in line

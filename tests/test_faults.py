@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,27 @@ def assert_nothing_written(artifacts: Path, recipe_name: str) -> None:
     assert not (artifacts / recipe_name).exists(), "a bundle folder appeared for a failed build"
     staging = artifacts / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), f"staging left behind: {list(staging.iterdir())}"
+
+
+def tree_state(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `root` (outside `skip`): path -> (size, mtime_ns), links not followed."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        st = path.lstat()
+        state[str(path.relative_to(root))] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
+    return state
+
+
+@contextmanager
+def nothing_changes_outside(root: Path, *build_folders: Path) -> Iterator[None]:
+    """The command run inside changes nothing under `root` except in `build_folders` (its artifacts, cache)."""
+    before = tree_state(root, build_folders)
+    yield
+    after = tree_state(root, build_folders)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"changed outside the build's folders: {changed[:5]}"
 
 
 def dead_pid() -> int:
@@ -201,7 +223,8 @@ def test_corrupt_safetensors_in_a_local_source_exit_3(case: str, tmp_path: Path,
     weights.write_bytes(content)
     path = write_recipe(tmp_path, f"corrupt-{case}", f"base: {{{GENERATED_BASE}}}\n"
                         "substitutions:\n  vae: {source: {local: {path: broken-vae}}}\n")
-    assert main(["--artifacts", str(artifacts_root), "convert", str(path)]) == 3
+    with nothing_changes_outside(tmp_path):  # the user's folder (and its broken file) untouched
+        assert main(["--artifacts", str(artifacts_root), "convert", str(path)]) == 3
     line = one_error_line(capsys)
     assert f"substitutions.vae: {weights} is not a valid safetensors file: {reason}" in line
     assert "fix or replace the file in the source folder" in line
@@ -596,3 +619,17 @@ def test_termination_signals_end_cleanly_with_a_json_document(signum: int, code:
     assert out == {"status": "error", "error": "Terminated", "exit_code": code,
                    "message": "terminated; nothing was published and no bundle was half-written"}
     assert signal.getsignal(signum) == before
+
+
+def test_nothing_changes_outside_sees_a_new_and_a_changed_file(tmp_path: Path) -> None:
+    """The helper the CLI fault tests rely on can fail."""
+    (tmp_path / "kept").write_text("a")
+    (tmp_path / "build").mkdir()
+    with nothing_changes_outside(tmp_path, tmp_path / "build"):
+        (tmp_path / "build" / "bundle").write_text("inside the build's folder: allowed")
+    with pytest.raises(AssertionError, match="changed outside the build's folders: \\['new'\\]"):
+        with nothing_changes_outside(tmp_path, tmp_path / "build"):
+            (tmp_path / "new").write_text("x")
+    with pytest.raises(AssertionError, match="'kept'"):
+        with nothing_changes_outside(tmp_path, tmp_path / "build"):
+            (tmp_path / "kept").write_text("bb")

@@ -192,7 +192,7 @@ def test_dora_and_lycoris_loras_are_refused_with_the_count(suffix: str, said: st
     from safetensors.torch import load_file, save_file
 
     from convert.cli import main
-    from tests.test_faults import one_error_line
+    from tests.test_faults import nothing_changes_outside, one_error_line
 
     tensors = load_file(str(fixtures["tiny-sdxl-lora"] / LORA_KOHYA))
     modules = sorted({k.rsplit(".", 2)[0] for k in tensors if k.endswith("lora_down.weight")})
@@ -207,7 +207,8 @@ def test_dora_and_lycoris_loras_are_refused_with_the_count(suffix: str, said: st
         "schema_version: 1\nname: odd-lora\n"
         f"base:\n  local: {{path: {base}}}\n  file: {CHECKPOINT}\n  config:\n    local: {{path: {fixtures['tiny-sdxl-single-file-config']}}}\n"
         f"lora:\n  - source: {{local: {{path: {lora_dir}}}, file: odd-lora.safetensors}}\n    targets: [unet]\n")
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe)]) == 4
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe)]) == 4
     line = one_error_line(capsys)
     assert line.startswith("error: lora.0: odd-lora.safetensors " + said.format(n=len(extra), total=len(tensors) + len(extra)))
     assert line.endswith("use a plain LoRA of this file (kohya or peft, without DoRA or LyCORIS), e.g. re-exported by its trainer")
