@@ -138,3 +138,14 @@ def test_a_disk_too_small_for_the_cache_copy_builds_without_storing(
     assert out["estimate"]["disk_gb"]["component cache"] == 0
     cache_dir = art / "cache"
     assert not cache_dir.exists() or not any(p.is_file() for p in cache_dir.rglob("*"))
+
+
+def test_json_on_a_build_that_cannot_fit(tmp_path: Path, tiny_sources: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(budget.MEMORY_ENV, "0.5")
+    path = local_recipe(tmp_path, "too-big-json", tiny_sources)
+    assert main(["--json", "--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 7
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "error" and out["exit_code"] == 7 and out["error"] == "ResourcesError"
+    assert out["message"].startswith("too-big-json does not fit this machine: about ")
+    assert_nothing_written(tmp_path / "art", "too-big-json")
