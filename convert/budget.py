@@ -237,9 +237,18 @@ def _weight_params(path: Path | None, size: int, width: int, denoiser: str,
     return {folder or denoiser: size // width}, False
 
 
+def _on_this_machine(source: Any, f: Any, workspace: Any) -> Path | None:
+    """Where a resolved source's file lies here: its local folder, or its blob in the Hub cache (may not exist yet)."""
+    from convert.fetch import _blob_path
+
+    if source.local_path is not None:
+        return Path(source.local_path) / f.path
+    hub = source.source.hub
+    return _blob_path(hub.repo, f, workspace.hf_cache) if hub is not None else None
+
+
 def _native_resolution(resolution: Any, workspace: Any, guessed: list[str]) -> int:
     """The pipeline's native image side (denoiser sample_size x VAE scale), from configs on this machine."""
-    from convert.fetch import _blob_path
     from convert.readback import read_json
 
     family = resolution.recipe.family
@@ -249,8 +258,7 @@ def _native_resolution(resolution: Any, workspace: Any, guessed: list[str]) -> i
         f = next((f for f in base.files if f.path == f"{folder}/config.json"), None)
         if f is None:
             continue
-        path = (base.local_path / f.path if base.local_path is not None
-                else _blob_path(base.source.hub.repo, f, workspace.hf_cache) if base.source.hub else None)
+        path = _on_this_machine(base, f, workspace)
         try:
             configs[folder] = read_json(path) if path is not None and path.is_file() else {}
         except (OSError, ValueError):
@@ -269,7 +277,7 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
     `cached`: exported components the component cache already holds (not exported, not stored).
     """
     from convert import disk
-    from convert.fetch import _blob_path, source_selection
+    from convert.fetch import source_selection
     from convert.single_file import needs_materializing
 
     recipe = resolution.recipe
@@ -287,8 +295,7 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
         for f in source_selection(source, family):
             if not f.path.endswith(".safetensors"):
                 continue
-            local = (source.local_path / f.path if source.local_path is not None
-                     else _blob_path(hub.repo, f, workspace.hf_cache) if hub is not None else None)
+            local = _on_this_machine(source, f, workspace)
             if hub is not None and not (local is not None and local.is_file()):
                 downloads += f.size
             folder = role.component if role.component else (None if source.source.file else f.path.split("/")[0])
