@@ -213,3 +213,24 @@ def test_dora_and_lycoris_loras_are_refused_with_the_count(suffix: str, said: st
     assert line.startswith("error: lora.0: odd-lora.safetensors " + said.format(n=len(extra), total=len(tensors) + len(extra)))
     assert line.endswith("use a plain LoRA of this file (kohya or peft, without DoRA or LyCORIS), e.g. re-exported by its trainer")
     assert not (tmp_path / "art" / "odd-lora").exists()
+
+
+def test_full_size_lora_maps_onto_every_attention_projection_of_the_full_unet(tmp_path: Path) -> None:
+    """The full-size benchmark's LoRA: diffusers' own kohya loader places all 560 layers on the full UNet."""
+    import warnings
+
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from convert.testing import generate
+    from convert.testing.single_file import FULL_LORA, FULL_LORA_RANK, _full_unet_topology
+
+    folder = generate("sdxl-shapes-lora", tmp_path / "lora")
+    unet = _full_unet_topology()  # meta parameters: names and shapes, no 5 GB of weights
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(folder / FULL_LORA), unet_config=unet.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op": the base weights are meta
+        StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="t")
+    placed = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and "t" in getattr(m, "lora_A", {})]
+    assert len(placed) == 4 * 140  # q, k, v, out of SDXL's 70 transformer blocks x 2 attentions
+    assert {m.lora_A["t"].weight.shape[0] for m in placed} == {FULL_LORA_RANK}

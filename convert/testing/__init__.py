@@ -39,6 +39,7 @@ _GENERATORS: Mapping[str, tuple[str, str, tuple[str, ...]]] = MappingProxyType({
     "tiny-sdxl-lora": ("convert.testing.single_file", "tiny_sdxl_lora", ("single_file.py", "sdxl.py")),
     "sdxl-base-shapes-single-file": ("convert.testing.single_file", "sdxl_base_shapes_single_file",
                                      ("single_file.py", "sdxl.py")),
+    "sdxl-shapes-lora": ("convert.testing.single_file", "sdxl_shapes_lora", ("single_file.py", "sdxl.py")),
 })  # fmt: skip
 
 GENERATORS: tuple[str, ...] = tuple(_GENERATORS)

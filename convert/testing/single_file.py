@@ -19,7 +19,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT", "LORA_DIFFUSERS", "LORA_KOHYA", "original_sdxl_state_dict", "tiny_sdxl_lora",
     "sdxl_base_shapes_single_file", "tiny_sdxl_single_file", "tiny_sdxl_single_file_config", "write_single_file",
-    "write_single_file_streaming",
+    "write_single_file_streaming", "sdxl_shapes_lora", "FULL_LORA", "FULL_LORA_RANK",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -293,9 +293,51 @@ def tiny_sdxl_lora(out_dir: Path, seed: int) -> Path:
     return out_dir
 
 
-def kohya_state_dict(layers: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """diffusers/peft UNet LoRA keys -> kohya's `lora_unet_<ldm module with _>.lora_down/up.weight` + alpha."""
-    unet = build_tiny_sdxl_pipeline(0).unet  # topology only
+#: Rank of the full-size LoRA: SDXL speed LoRAs (LCM-LoRA, Lightning) are rank 64.
+FULL_LORA_RANK = 64
+FULL_LORA = "sdxl-shapes-lora-kohya.safetensors"
+
+
+def sdxl_shapes_lora(out_dir: Path, seed: int) -> Path:
+    """A rank-64 kohya-layout LoRA on every attention projection of the full-size UNet (fp16, ~170 MB).
+
+    Sized like a speed LoRA, for the full-size single-file + LoRA benchmark. Made without peft
+    or real UNet weights: the UNet is built on the meta device for its layer names and shapes
+    only, and the LoRA matrices are seeded small so the fused UNet stays near the base one.
+    """
+    from safetensors.torch import save_file
+
+    unet = _full_unet_topology()
+    generator = torch.Generator().manual_seed(seed + 1)
+    layers: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(tuple(f".{t}" for t in _UNET_TARGETS)):
+            down = torch.randn(FULL_LORA_RANK, module.in_features, generator=generator) * 0.01
+            up = torch.randn(module.out_features, FULL_LORA_RANK, generator=generator) * 0.01
+            layers[f"unet.{name}.lora.down.weight"] = down.half()
+            layers[f"unet.{name}.lora.up.weight"] = up.half()
+    with _atomic_dir(out_dir) as tmp:
+        save_file(kohya_state_dict(layers, rank=FULL_LORA_RANK, unet=unet), str(tmp / FULL_LORA))
+    return out_dir
+
+
+def _full_unet_topology() -> Any:
+    """The full-size UNet with parameters on the meta device: names and shapes, no storage."""
+    from diffusers import UNet2DConditionModel
+
+    from convert.testing.sdxl import _PIPELINE_SHAPES, _parameters_on_meta, _pipeline_unet_config
+
+    config = _pipeline_unet_config(_PIPELINE_SHAPES["full"])
+    with _parameters_on_meta():
+        return UNet2DConditionModel(**config)
+
+
+def kohya_state_dict(layers: Mapping[str, torch.Tensor], rank: int, unet: Any = None) -> dict[str, torch.Tensor]:
+    """diffusers/peft UNet LoRA keys -> kohya's `lora_unet_<ldm module with _>.lora_down/up.weight` + alpha.
+
+    ``unet`` gives the topology (default: the tiny pipeline's UNet).
+    """
+    unet = unet if unet is not None else build_tiny_sdxl_pipeline(0).unet
     up_attention = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
     prefixes = _unet_prefixes(len(unet.down_blocks), int(unet.config.layers_per_block))
     out: dict[str, torch.Tensor] = {}
