@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_faults import write_recipe
+from test_faults import nothing_changes_outside, write_recipe
 
 from convert.cli import main
 
@@ -67,7 +67,8 @@ def _bundle_files(result: dict) -> list[Path]:  # type: ignore[type-arg]
 def test_a_reused_entry_is_copied_into_the_bundle_never_linked(filled, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """Damage to a cache file after packaging leaves the bundle verifying: it holds private copies."""
     cache, entry = _copy(filled, tmp_path)
-    result = _build(filled[0], tmp_path / "art", cache, capsys)
+    with nothing_changes_outside(tmp_path, tmp_path / "art", cache):
+        result = _build(filled[0], tmp_path / "art", cache, capsys)
     assert result["reused_components"] == ["vae_decoder"]
     files = _bundle_files(result)
     assert files and all(p.lstat().st_nlink == 1 and stat.S_ISREG(p.lstat().st_mode) for p in files)
@@ -94,7 +95,8 @@ def test_an_entry_naming_files_outside_itself_is_refused_and_re_exported(filled,
     info["files"] = {"../../../../../outside/victim.txt": sha, **info["files"]}
     (entry / "entry.json").write_text(json.dumps(info))
     before = _tree(tmp_path / "outside")
-    result = _build(filled[0], tmp_path / "art", cache, capsys)
+    with nothing_changes_outside(tmp_path, tmp_path / "art", cache):
+        result = _build(filled[0], tmp_path / "art", cache, capsys)
     assert result["reused_components"] == [] and result["exported_components"] == ["vae_decoder"]
     assert _tree(tmp_path / "outside") == before and victim.read_text() == "keep me"
     assert main(["verify", result["bundle"]]) == 0
@@ -107,7 +109,8 @@ def test_a_cache_file_replaced_by_a_symlink_never_reaches_the_bundle(filled, tmp
     shutil.copyfile(cached, target)  # same bytes: only the link itself is wrong
     cached.unlink()
     cached.symlink_to(target)
-    result = _build(filled[0], tmp_path / "art", cache, capsys)
+    with nothing_changes_outside(tmp_path, tmp_path / "art", cache):
+        result = _build(filled[0], tmp_path / "art", cache, capsys)
     assert result["exported_components"] == ["vae_decoder"]
     assert not [p for p in Path(result["bundle"]).rglob("*") if p.is_symlink()]
     assert target.read_bytes() and main(["verify", result["bundle"]]) == 0
@@ -126,12 +129,13 @@ def test_an_entry_json_that_is_endless_or_a_fifo_is_refused_at_once(filled, tmp_
     done: dict = {}  # type: ignore[type-arg]
     worker = threading.Thread(target=lambda: done.update(result=_build(filled[0], tmp_path / "art", cache, capsys)),
                               daemon=True)
-    worker.start()
-    worker.join(timeout=300)
-    if worker.is_alive():  # unblock the FIFO so the thread can end, then fail
-        with open(info, "wb"):
-            pass
-        pytest.fail("the build hung on the cache entry")
+    with nothing_changes_outside(tmp_path, tmp_path / "art", cache):
+        worker.start()
+        worker.join(timeout=300)
+        if worker.is_alive():  # unblock the FIFO so the thread can end, then fail
+            with open(info, "wb"):
+                pass
+            pytest.fail("the build hung on the cache entry")
     assert done["result"]["exported_components"] == ["vae_decoder"]
 
 
@@ -170,7 +174,8 @@ def test_a_lock_file_that_is_a_device_is_one_line_exit_3(tmp_path: Path, tiny_so
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     recipe = _recipe(tmp_path, tiny_sources)
     recipe.with_name("cache-trust.lock.json").symlink_to("/dev/zero")
-    code = main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe), "--locked"])
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        code = main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe), "--locked"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot read the lock file {tmp_path / 'cache-trust.lock.json'} (")

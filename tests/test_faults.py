@@ -595,7 +595,8 @@ def test_malformed_keep_free_reserve_is_a_usage_error(tmp_path: Path, capsys: py
                                                       monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     monkeypatch.setenv("SDXL_CONVERT_KEEP_FREE_GIB", raw)
     path = write_recipe(tmp_path, "reserve-typo", f"base: {{{GENERATED_BASE}}}\n")
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 64
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 64
     assert one_error_line(capsys) == (f"error: SDXL_CONVERT_KEEP_FREE_GIB={raw!r} is not a number of GiB (0 or more); "
                                       "unset it or give e.g. 10")
     assert_nothing_written(tmp_path / "art", "reserve-typo")

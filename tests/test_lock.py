@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from test_faults import nothing_changes_outside
 
 from convert.cli import main as cli_main
 from convert.lockfile import diff_locks
@@ -226,7 +227,8 @@ def test_a_structurally_wrong_lock_is_one_line_exit_3_and_lock_replaces_it(
     document = json.loads(path.read_text())
     change(document)
     path.write_text(json.dumps(document))
-    assert cli_main(["convert", str(recipe), "--locked", "--artifacts", str(tmp_path / "art")]) == 3
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert cli_main(["convert", str(recipe), "--locked", "--artifacts", str(tmp_path / "art")]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {path}: {message}; recreate it with `sdxl-convert lock <recipe>`"], err
     assert not (tmp_path / "art" / "local-lock").exists()
@@ -256,3 +258,27 @@ def test_a_published_build_json_without_a_commit_means_rebuild_not_a_crash(
     resolution = resolve(load_recipe(recipe), recipe, Workspace(artifacts=tmp_path / "art"))
     changes = published_changes(new_repo_id, commit.oid, resolution)
     assert len(changes) == 1 and changes[0].startswith("the published head's build.json is unreadable ("), changes
+
+
+def test_rebuild_over_a_published_build_json_without_a_commit_rebuilds_through_the_cli(
+        hf_api, new_repo_id: str, tiny_sources: dict[str, Path], tmp_path: Path,  # type: ignore[no-untyped-def]
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI side of the case above: `rebuild` says why, rebuilds, publishes, exit 0; nothing else is touched."""
+    hf_api.create_repo(new_repo_id)
+    hf_api.upload_file(path_or_fileobj=b'{"lock": {"sources": [{"role": "base"}]}}', path_in_repo="build.json",
+                       repo_id=new_repo_id)
+    recipe = tmp_path / "bad-head.yaml"
+    off = "{export: false}"
+    recipe.write_text(
+        f"schema_version: 1\nname: bad-head\nbase: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n"
+        "components:\n" + "".join(f"  {c}: {off}\n" for c in (
+            "text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))
+        + "  vae_decoder: {weights: fp16}\ntarget: {device: CPU, inference_precision: [f32]}\n"
+        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}\n"
+        f"publish: {{repo: {new_repo_id}}}\n")
+    with nothing_changes_outside(tmp_path, tmp_path / "art", tmp_path / "hf-cache"):  # the Hub cache: conftest's
+        code = cli_main(["--json", "--artifacts", str(tmp_path / "art"), "rebuild", str(recipe)])
+    (outcome,) = json.loads(capsys.readouterr().out)["recipes"]
+    assert code == 0 and outcome["status"] == "rebuilt", outcome
+    assert any(c.startswith("the published head's build.json is unreadable (") for c in outcome["changed"]), outcome
+    assert hf_api.model_info(new_repo_id).sha == outcome["commit"]

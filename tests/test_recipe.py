@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from test_faults import nothing_changes_outside
+
 from convert.errors import RecipeError
 from convert.recipe import json_schema, load_recipe, recipe_digest, find_recipe
 from convert.workspace import PROJECT_ROOT
@@ -144,7 +146,8 @@ def test_values_found_late_before_are_refused_at_load_by_the_cli(file: str, tmp_
     """Issue 19: these passed the plan and failed after the export (exit 6 or an internal error)."""
     from convert.cli import main
 
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(BAD / file)]) == 2
+    with nothing_changes_outside(BAD), nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert main(["--artifacts", str(tmp_path / "art"), "convert", str(BAD / file)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {BAD / file}: line "), err
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").rglob("*.xml"))
@@ -184,7 +187,8 @@ def test_hf_home_naming_a_file_is_a_usage_error_not_an_unreachable_hub(
     not_a_folder = tmp_path / "hf-home"
     not_a_folder.write_text("")
     monkeypatch.setenv("HF_HOME", str(not_a_folder))
-    assert main(["convert", "tiny-sdxl-fp16fix", "--plan"]) == 64
+    with nothing_changes_outside(tmp_path):
+        assert main(["--artifacts", str(tmp_path / "art"), "convert", "tiny-sdxl-fp16fix", "--plan"]) == 64
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: HF_HOME={str(not_a_folder)!r} is not a folder; point HF_HOME at a folder (or unset it)"]
 
@@ -224,7 +228,8 @@ def test_a_scheduler_diffusers_cannot_build_is_refused_before_any_download(
     assert change[0] in text
     recipe = tmp_path / "scheduler.yaml"
     recipe.write_text(text.replace(change[0], change[1]).replace("name: tiny-singlefile-lora", "name: scheduler"))
-    assert main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe)]) == 2
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert main(["--artifacts", str(tmp_path / "art"), "convert", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {recipe}: {expected}"), err
     assert not (tmp_path / "art" / "sources").exists() and not (tmp_path / "art" / "scheduler").exists()
