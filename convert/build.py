@@ -129,10 +129,17 @@ def planned_checks(recipe: Recipe) -> list[str]:
     return describe_checks(recipe) + fp16fix.describe(recipe)
 
 
-def plan(recipe_path: Path, workspace: Workspace) -> Plan:
-    """What a build would do, without downloading or generating anything."""
+def plan(recipe_path: Path, workspace: Workspace, locked: bool = False) -> Plan:
+    """What a build would do, without downloading or generating anything.
+
+    With `locked`, as `convert --locked` would: sources at the lock's commits, and a lock that is
+    missing, damaged or differs from what resolves is the same error (exit 3), not a passing plan.
+    """
     recipe = load_recipe(recipe_path)
     check_scheduler_of(recipe, recipe_path)
+    lock_file = lockfile.lock_path(recipe_path)
+    pinned = lockfile.read_lock(lock_file) if locked else None
+    pins = lockfile.pins(pinned) if pinned else {}
     planned: list[PlannedSource] = []
     resolved = []
     for role, source in source_roles(recipe):
@@ -140,7 +147,7 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
             planned.append(PlannedSource(role, source.describe(), None, "generated offline on first build"))
             continue
         try:
-            r = resolve_source(role, source, workspace, recipe_path.parent)
+            r = resolve_source(role, source, workspace, recipe_path.parent, pins.get(role.key))
         except FetchError as e:
             planned.append(PlannedSource(role, source.describe(), None, f"unresolved: {e}"))
             continue
@@ -152,6 +159,8 @@ def plan(recipe_path: Path, workspace: Workspace) -> Plan:
 
         resolution = Resolution(recipe, recipe_path, tuple(resolved), tool_versions())
         build_id = resolution.build_id
+        if pinned is not None:
+            lockfile.check_locked(lock_file, pinned, lockfile.lock_document(resolution))
     components = [
         PlannedComponent(c, recipe.settings_for(c).weights, recipe.precisions_for(c) if not c.startswith("tokenizer") else [],
                          dict(recipe.settings_for(c).runtime_options))
@@ -199,6 +208,7 @@ def prepare_build(recipe_path: Path, workspace: Workspace) -> Recipe:
     """Load the recipe and check the artifacts folder before taking the recipe's lock."""
     recipe = load_recipe(recipe_path)
     check_scheduler_of(recipe, recipe_path)
+    check_folders_apart(recipe, recipe_path, workspace)  # before anything is created
     disk.check_writable(workspace.artifacts, (*WORK_FOLDERS, recipe.name))
     cache = workspace.component_cache
     if cache.exists() and not cache.is_dir():  # else every export would only warn that it cannot store
@@ -207,6 +217,38 @@ def prepare_build(recipe_path: Path, workspace: Workspace) -> Recipe:
     disk.keep_free_bytes()  # a malformed reserve fails now, not after the fetch
     staging_mod.remove_stale_staging(workspace)
     return recipe
+
+
+def _within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_folders_apart(recipe: Recipe, recipe_path: Path, workspace: Workspace) -> None:
+    """The build's output folders never lie inside its own inputs, nor the cache on the artifacts root.
+
+    Writing into a local source changes the content its build id hashes (every build a new id,
+    the next one reading its predecessor's output as input); a cache at the artifacts root mixes
+    its two-letter shard folders with recipe folders.
+    """
+    outputs = {"--artifacts": workspace.artifacts, "--cache": workspace.component_cache}
+    if workspace.hf_cache is not None:
+        outputs["the Hugging Face cache"] = workspace.hf_cache
+    for role, source in source_roles(recipe):
+        if source.local is None:
+            continue
+        try:
+            folder = source.local.folder(recipe_path.parent)
+        except (RuntimeError, OSError):  # a symlink loop: resolve says so in its own words
+            continue
+        for option, out in outputs.items():
+            if _within(out, folder):
+                raise PackageError(f"{option} {out} lies inside the local source {role} ({folder}): the build would "
+                                   "write into its own input", hint=f"point {option} at a folder outside {folder}")
+    if workspace.component_cache.resolve() == workspace.artifacts.resolve() or _within(
+            workspace.artifacts, workspace.component_cache):
+        raise PackageError(f"--cache {workspace.component_cache} is the artifacts folder {workspace.artifacts} or holds it",
+                           hint="leave --cache out (it defaults to <artifacts>/cache) or point it at a folder of its own")
 
 
 def build_holding_lock(recipe: Recipe, recipe_path: Path, workspace: Workspace, *, force: bool = False,
@@ -288,8 +330,31 @@ def _locked_build(recipe: Recipe, recipe_path: Path, workspace: Workspace, force
         log_path.unlink(missing_ok=True)
         return _build_into(resolution, staging, bundle_dir, dest, workspace, notify, timings, log_path, needs,
                            stores), resolution
+    except ConvertError as e:
+        raise _named_by_source(e, staging, resolution)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _named_by_source(error: ConvertError, staging: Path, resolution: Resolution) -> ConvertError:
+    """The same error with staged copies of sources named as the user wrote them (`<local:./base>`).
+
+    The staging folder is deleted when the build ends, so a message quoting it points nowhere.
+    """
+    names = [(str(staging / "sources" / s.role.folder_name), f"<{s.source.describe()}>") for s in resolution.sources]
+    names += [(str(staging / "sources" / "base_diffusers"), f"<{resolution.recipe.base.describe()} read as diffusers>"),
+              (str(staging), "<this build's staging folder>")]
+
+    def rename(text: str) -> str:
+        for staged, shown in names:
+            text = text.replace(staged, shown)
+        return text
+
+    if str(staging) in str(error):
+        error.message, error.hint = rename(error.message), error.hint and rename(error.hint)
+        error.path = error.path and Path(rename(str(error.path)))
+        error.args = (error.one_line(),)
+    return error
 
 
 def _remove_interrupted_replacements(workspace: Workspace, recipe_name: str) -> None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -70,6 +71,10 @@ def _check_hub_folders(environ: Mapping[str, str]) -> None:
         value = environ.get(name)
         if value and os.path.lexists(value) and not os.path.isdir(value):
             raise UsageError(f"{name}={value!r} is not a folder", hint=f"point {name} at a folder (or unset it)")
+    endpoint = environ.get("HF_ENDPOINT")
+    if endpoint and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):  # else "UnsupportedProtocol"
+        raise UsageError(f"HF_ENDPOINT={endpoint[:200]!r} is not an http(s) URL",
+                         hint="unset it for huggingface.co, or give e.g. http://127.0.0.1:8080")
 
 
 def _silence_stdout() -> None:
@@ -261,7 +266,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
     path = _recipe_path(args.recipe)
     if args.plan:
-        plan = build_mod.plan(path, workspace)
+        plan = build_mod.plan(path, workspace, locked=args.locked)
         if args.json:
             print(json.dumps(plan.to_json(), indent=2))
         else:
@@ -303,7 +308,11 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
     if bool(args.recipes) == bool(args.all):
         raise UsageError("rebuild: name recipes or give --all (not both)", hint="see sdxl-convert rebuild --help")
-    paths = publishable_recipes(recipe_search_dirs()) if args.all else [_recipe_path(r) for r in args.recipes]
+    named = publishable_recipes(recipe_search_dirs()) if args.all else [_recipe_path(r) for r in args.recipes]
+    once: dict[Path, Path] = {}
+    for path in named:  # each recipe once, in the order first named
+        once.setdefault(_same_file_key(path), path)
+    paths = list(once.values())
     workspace = _workspace(args)
     console = _progress_console()
     outcomes = []
@@ -318,6 +327,14 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     else:
         _render_rebuild(outcomes)
     return code
+
+
+def _same_file_key(path: Path) -> Path:
+    """`recipes/x.yaml` named twice (or by name and by path) is one rebuild, not a second one that finds it up to date."""
+    try:
+        return path.resolve()
+    except OSError:
+        return path
 
 
 def _render_rebuild(outcomes: list[Any]) -> None:

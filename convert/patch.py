@@ -206,6 +206,14 @@ def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_p
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise PatchError(f"base: cannot load the pipeline from {base.path}: {str(e).splitlines()[0]}",
                          hint=f"check the base source is a diffusers {family.diffusers_class}") from e
+    for tokenizer in family.tokenizers:
+        encoder = tokenizer.replace("tokenizer", "text_encoder")  # diffusers pairs them by name
+        if parts.get(tokenizer) is not None and encoder in folders:
+            problem = vocabulary_problem(len(parts[tokenizer]), read_config(folders[encoder], encoder).get("vocab_size"))
+            if problem:
+                raise PatchError(f"base: {tokenizer} {problem} of {encoder}",
+                                 hint=f"check {tokenizer}/ holds its vocabulary files (tokenizer.json, or vocab.json "
+                                      "and merges.txt) from the same model")
     return PatchedPipeline(
         pipeline=pipeline,
         family=family,
@@ -214,6 +222,22 @@ def patch(base: FetchedSource, substitutes: Mapping[str, FetchedSource], allow_p
         checks=checks,
         weights=weights,
     )
+
+
+def vocabulary_problem(tokens: int, vocab_size: object) -> str | None:
+    """Why a tokenizer cannot feed its text encoder, or None.
+
+    transformers builds a CLIP tokenizer from tokenizer_config.json alone when the vocabulary
+    files are missing: 2 tokens, every prompt `<|endoftext|>`, and the build would still pass.
+    An encoder may have a few padding rows more than its tokenizer has tokens (T5: 32100 of 32128).
+    """
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        return None
+    if tokens > vocab_size:
+        return f"has {tokens} tokens, more than the vocab_size {vocab_size}"
+    if tokens < vocab_size // 2:
+        return f"has only {tokens} tokens (its vocabulary files are missing or cut short) for the vocab_size {vocab_size}"
+    return None
 
 
 def check_family(index: Config, family: PipelineFamily) -> None:

@@ -450,9 +450,18 @@ class Recipe(_Strict):
                 listed = "lists" if explicit else "defaults to every submodel, including"
                 raise ValueError(f"validation.components {listed} {part} but components.{part}.export is false; "
                                  f"export it or list only exported submodels in validation.components")
+        small, full = self.validation.small_resolution, self.validation.resolution
+        if full is not None and small > full and "small_resolution" in self.validation.model_fields_set:
+            raise ValueError(f"validation.small_resolution {small} is above validation.resolution {full}; "
+                             f"set small_resolution to {full} or less")
         if self.base.file is not None and self.family.single_file is None:
             raise ValueError(f"base: pipeline {self.pipeline} cannot be read from a single file; use its diffusers repo")
+        seen: dict[str, int] = {}
         for i, lora in enumerate(self.lora):
+            first = seen.setdefault(lora.source.describe(), i)
+            if first != i:  # fused twice = one LoRA at the summed scale, under two names in the card
+                raise ValueError(f"lora.{i}: the same file as lora.{first} ({lora.source.describe()}); "
+                                 "list it once with the strength you want")
             for target in lora.targets:
                 if target not in self.family.lora_targets:
                     raise ValueError(f"lora.{i}.targets: {self.pipeline} has no {target} to fuse a LoRA into "

@@ -97,6 +97,8 @@ MAX_LORA_SCALE = 16.0
 def lora_scale(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{value} is not a LoRA scale: use a finite number such as 1.0 or 0.8")
+    if value == 0:  # fuses nothing, yet the card would say "LoRA fused"
+        raise ValueError("a LoRA at scale 0 changes nothing: remove the entry, or give its strength (e.g. 1.0)")
     if abs(value) > MAX_LORA_SCALE:  # fused weights far past the model's own: garbage or inf, not a style
         raise ValueError(f"LoRA scale {value:g} is outside -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}; "
                          "LoRA strengths are usually 0.5 to 1.5")

@@ -76,11 +76,17 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
 
 def read_text(path: Path) -> str:
     """The file as text: size capped before reading, UTF-8 only (a UTF-8 BOM is tolerated)."""
-    if path.is_dir():
+    try:
+        kind = "dir" if path.is_dir() else "file" if path.is_file() else "other" if path.exists() else None
+    except OSError as e:  # a name too long for the file system (is_dir only swallows "not found")
+        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:200]}... ({len(str(path))} characters)"
+        raise RecipeError(f"{shown}: cannot read the recipe ({e.strerror or type(e).__name__})",
+                          hint="check the name or pass a path to a .yaml file") from None
+    if kind == "dir":
         raise RecipeError("is a directory, not a recipe file", path=path, hint="pass a .yaml file or a recipe name")
-    if path.exists() and not path.is_file():
+    if kind == "other":
         raise RecipeError("is not a regular file", path=path, hint="pass a .yaml file or a recipe name")
-    if not path.is_file():
+    if kind is None:
         raise RecipeError("recipe file not found", path=path, hint="check the name or pass a path to a .yaml file")
     try:
         size = path.stat().st_size

@@ -126,6 +126,10 @@ def unsupported_lora_keys(header: Mapping[str, Any]) -> str | None:
     (`.dora_scale`) with a warning: a different model than its author trained, shipped silently.
     """
     keys = [k for k in header if k != "__metadata__"]
+    if keys and not any("lora" in k.lower() or any(f".{p}" in k for ps in _LYCORIS.values() for p in ps) for k in keys):
+        found = detect_architecture(shapes_of(header))
+        what = f"a {found} checkpoint" if found in FAMILIES else f"{found} checkpoint"
+        return f"holds no LoRA layers (none of its {len(keys)} tensor names says lora); it looks like {what}"
     dora = sum(1 for k in keys if k.endswith(("dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")))
     if dora:
         return (f"is a DoRA LoRA: {dora} of its {len(keys)} tensors are DoRA magnitudes (.dora_scale) that diffusers' "
