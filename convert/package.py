@@ -67,10 +67,13 @@ def verify(folder: Path) -> list[str]:
     except (OSError, UnreadableFile, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         return [f"{path}: unreadable manifest ({e})"]
     problems = []
+    links = _links_in(folder)
     for rel, entry in listed.items():
         file = folder / rel
         if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
             problems.append(f"{rel}: outside the bundle")  # a hostile manifest must not make us read (or publish) /etc
+        elif any(rel == link or rel.startswith(f"{link}/") for link in links):
+            problems.append(f"{rel}: a symbolic link (or inside one); a bundle holds its own files, never a link out of itself")
         elif not file.is_file():
             problems.append(f"{rel}: missing")
         elif file.stat().st_size != entry["size"]:
@@ -79,7 +82,20 @@ def verify(folder: Path) -> list[str]:
             problems.append(f"{rel}: sha256 differs from the manifest")
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(listed) - {MANIFEST})]
+    problems += [f"{link}: a symbolic link; a bundle holds its own files, never a link out of itself"
+                 for link in sorted(links) if not any(rel == link or rel.startswith(f"{link}/") for rel in listed)]
     return problems
+
+
+def _links_in(folder: Path) -> set[str]:
+    """Relative paths of the symbolic links under `folder` (not followed): files or folders."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = Path(root) / name
+            if path.is_symlink():
+                found.add(path.relative_to(folder).as_posix())
+    return found
 
 
 def load_bundle(folder: Path) -> Bundle:

@@ -358,7 +358,7 @@ class ValidationSettings(_Strict):
         for name in value:
             if name not in SAMPLE_IMAGES:
                 raise ValueError(f"unknown sample image '{short(name)}'{suggest(name, SAMPLE_IMAGES)}")
-        return value
+        return distinct(value)  # twice = every check twice, each reported twice
 
     @field_validator("components")
     @classmethod
@@ -450,6 +450,12 @@ class Recipe(_Strict):
                 listed = "lists" if explicit else "defaults to every submodel, including"
                 raise ValueError(f"validation.components {listed} {part} but components.{part}.export is false; "
                                  f"export it or list only exported submodels in validation.components")
+        if self.target.device != "CPU":  # OpenVINO's GPU and NPU plugins run f16 or f32 only
+            for part in self.exported_components():
+                if "bf16" in self.precisions_for(part) and not part.startswith("tokenizer"):
+                    where = "components." + part if self.settings_for(part).inference_precision else "target"
+                    raise ValueError(f"{where}.inference_precision: bf16 is a CPU precision; a {self.target.device} "
+                                     "runs f16 or f32 (set target.device: CPU for bf16)")
         small, full = self.validation.small_resolution, self.validation.resolution
         if full is not None and small > full and "small_resolution" in self.validation.model_fields_set:
             raise ValueError(f"validation.small_resolution {small} is above validation.resolution {full}; "

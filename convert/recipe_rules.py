@@ -170,10 +170,16 @@ def ov_properties(value: dict[str, str]) -> dict[str, str]:
                              "like ACTIVATIONS_SCALE_FACTOR)")
         if _unprintable(option):
             raise ValueError(f"{key}: the value must be one line of printable text")
+        if key in _GATE_CHOSEN_PROPERTIES:  # else the gate judges one precision and the bundle runs another
+            raise ValueError(f"{key} is chosen by inference_precision (target or component), which the gate runs; "
+                             "remove it from runtime_options")
         if key in _POSITIVE_NUMBER_PROPERTIES and not _positive_number(option):
             raise ValueError(f"{key}: {short(option)!r} is not a positive number (e.g. 8 or 128.0)")
     return value
 
+
+#: runtime_options the recipe must not set by hand: they change the precision a device computes at
+_GATE_CHOSEN_PROPERTIES = frozenset({"INFERENCE_PRECISION_HINT", "EXECUTION_MODE_HINT"})
 
 #: runtime_options that OpenVINO parses as numbers when it compiles the IR (found late otherwise: after the export)
 _POSITIVE_NUMBER_PROPERTIES = frozenset({"ACTIVATIONS_SCALE_FACTOR"})

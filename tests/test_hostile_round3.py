@@ -43,12 +43,20 @@ def tiny_lora(artifacts_root: Path) -> Path:
     ("lora:\n{lora1}{lora1}", "lora.1: the same file as lora.0 (local:"),
     ("validation: {{resolution: 64, small_resolution: 128}}\n",
      "validation.small_resolution 128 is above validation.resolution 64; set small_resolution to 64 or less"),
-], ids=["lora-scale-0", "same-lora-twice", "small-above-full"])
+    ("validation: {{images: [astronaut, chelsea, astronaut]}}\n", "validation.images: lists astronaut more than once"),
+    ("target: {{device: GPU, inference_precision: [f16, bf16]}}\n",
+     "target.inference_precision: bf16 is a CPU precision; a GPU runs f16 or f32 (set target.device: CPU for bf16)"),
+    ("components: {{unet: {{runtime_options: {{INFERENCE_PRECISION_HINT: f16}}}}}}\ntarget: {{device: CPU, "
+     "inference_precision: [f32]}}\n", "components.unet.runtime_options: INFERENCE_PRECISION_HINT is chosen by "
+     "inference_precision (target or component), which the gate runs; remove it from runtime_options"),
+], ids=["lora-scale-0", "same-lora-twice", "small-above-full", "image-twice", "bf16-on-gpu", "precision-by-hand"])
 def test_recipes_that_would_pass_meaninglessly_are_refused_at_load(
         body: str, expected: str, tmp_path: Path, tiny_sources: dict[str, Path], tiny_lora: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """Each passed the plan and built: a LoRA fused at 0 (the card said "fused"), one LoRA fused twice
-    (a doubled strength under two names), a "small" decode larger than the full one."""
+    (a doubled strength under two names), a "small" decode larger than the full one, every check run
+    twice on one image, a GPU bundle gated at bf16 (which no GPU runs), a precision set in the IR by
+    hand that the gate never ran."""
     text = body.format(lora0=_lora(tiny_lora, "0"), lora1=_lora(tiny_lora))
     path = write_recipe(tmp_path, "meaningless", f"base: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n{text}")
     with nothing_changes_outside(tmp_path, tmp_path / "art"):
@@ -185,3 +193,22 @@ def test_a_recipe_named_twice_is_rebuilt_once(tmp_path: Path, tiny_sources: dict
         code = main(["--json", "--artifacts", str(tmp_path / "art"), "rebuild", str(path), str(tmp_path / "." / "twice.yaml")])
     document = json.loads(capsys.readouterr().out)
     assert code == 2 and [r["recipe"] for r in document["recipes"]] == ["twice"], document  # no publish: section
+
+
+def test_verify_refuses_a_bundle_file_replaced_by_a_symlink(tmp_path: Path, tiny_sources: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Same bytes through a link out of the bundle: verify passed, and publish would have uploaded it."""
+    path = write_recipe(tmp_path, "linked", f"base: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n" + VAE_ONLY)
+    assert main(["--json", "--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 0
+    bundle = Path(json.loads(capsys.readouterr().out)["bundle"])
+    weights = bundle / "vae_decoder" / "openvino_model.bin"
+    outside = tmp_path / "outside.bin"
+    shutil.copyfile(weights, outside)
+    weights.unlink()
+    weights.symlink_to(outside)
+    with nothing_changes_outside(tmp_path, tmp_path / "art"):
+        assert main(["verify", str(bundle)]) == 7
+        assert main(["publish", str(bundle), "--dry-run"]) == 8
+    err = capsys.readouterr().err
+    assert err.count("vae_decoder/openvino_model.bin: a symbolic link (or inside one); a bundle holds its own files, "
+                     "never a link out of itself") == 2, err
