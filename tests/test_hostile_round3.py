@@ -149,9 +149,9 @@ def test_a_tokenizer_without_its_vocabulary_is_refused_not_shipped(tmp_path: Pat
     with nothing_changes_outside(tmp_path, tmp_path / "art"):
         assert main(["--artifacts", str(tmp_path / "art"), "convert", str(path)]) == 4
     assert one_error_line(capsys) == (
-        "error: base: tokenizer has only 2 tokens (its vocabulary files are missing or cut short) for the vocab_size "
-        "522 of text_encoder; check tokenizer/ holds its vocabulary files (tokenizer.json, or vocab.json and "
-        "merges.txt) from the same model")
+        "error: base: tokenizer holds only its 2 special tokens (its vocabulary files are missing), so it cannot feed "
+        "text_encoder; check tokenizer/ holds its vocabulary files (tokenizer.json, or vocab.json and merges.txt) "
+        "from the same model")
     assert not (tmp_path / "art" / "no-vocab").exists()
 
 
