@@ -88,12 +88,17 @@ def verify(folder: Path) -> list[str]:
 
 
 def _links_in(folder: Path) -> set[str]:
-    """Relative paths of the symbolic links under `folder` (not followed): files or folders."""
+    """Relative paths of the symbolic links under `folder` (not followed): files or folders.
+
+    Except the Hugging Face cache's own: a downloaded bundle (`.../snapshots/<commit>/`) is links
+    into the repo's content-addressed `blobs/`, which is how the Hub client stores every file.
+    """
+    blobs = folder.parent.parent / "blobs" if folder.parent.name == "snapshots" else None
     found = set()
     for root, dirs, files in os.walk(folder):
         for name in (*dirs, *files):
             path = Path(root) / name
-            if path.is_symlink():
+            if path.is_symlink() and not (blobs is not None and path.resolve().parent == blobs.resolve()):
                 found.add(path.relative_to(folder).as_posix())
     return found
 

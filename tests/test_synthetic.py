@@ -378,6 +378,7 @@ def test_registry_lists_the_documented_generators() -> None:
         "tiny-sdxl-single-file-config",
         "tiny-sdxl-lora",
         "sdxl-base-shapes-single-file",
+        "sdxl-shapes-lora",
     }
 
 
