@@ -39,10 +39,11 @@ EXPORT_PER_PARAM: Mapping[str, float] = {"fp32": 4.6, "fp16": 2.3, "int8": 1.7, 
 #: diffusers folder (LoRAs fused): measured 7.22 GiB for the 3.47 B-parameter SDXL file.
 MATERIALIZE_PER_PARAM = 1.9
 #: Bytes per parameter of a denoiser compiled at f32 by the CPU plugin: int8/int4 weights stay
-#: compressed; f16 FullyConnected weights stay f16 (Linear: 87% of the SDXL UNet), convolution
-#: weights are expanded to f32.
-RUN_PER_PARAM: Mapping[str, float] = {"fp32": 4.0, "int8": 1.05, "int4": 0.55}
-LINEAR_SHARE = 0.87
+#: compressed (weight decompression in FullyConnected); f16 weights are expanded to f32, every layer.
+#: Measured at full size on an AVX-512 EPYC (2026-12-06): the fp16 SDXL UNet's f32 pipeline run at
+#: 1024x1024, batch 2, peaked at 16.1 GiB = the base + its activations + 4.0 B for each of its 2.57 B
+#: parameters (an earlier guess kept its Linear weights f16 and said 12.0 GiB).
+RUN_PER_PARAM: Mapping[str, float] = {"fp32": 4.0, "fp16": 4.0, "int8": 1.05, "int4": 0.55}
 #: The VAE checks at 1024x1024: the torch f32 reference decode (+3.8 GiB alone), then the IR's f32,
 #: emulated and tapped decodes one at a time. Measured: 9.07 GiB peak for the flagship's VAE phase.
 VAE_AT_1024 = 7.2 * GIB
@@ -92,7 +93,7 @@ def gb(n: float) -> str:
 
 
 def run_bytes_per_param(weights: str) -> float:
-    return RUN_PER_PARAM.get(weights, 2.0 * LINEAR_SHARE + 4.0 * (1 - LINEAR_SHARE))
+    return RUN_PER_PARAM.get(weights, 4.0)
 
 
 def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, denoiser: str,
