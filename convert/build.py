@@ -346,7 +346,7 @@ def _named_by_source(error: ConvertError, staging: Path, resolution: Resolution)
               (str(staging), "<this build's staging folder>")]
 
     def rename(text: str) -> str:
-        for staged, shown in names:
+        for staged, shown in sorted(names, key=lambda n: -len(n[0])):  # `base_diffusers` before its prefix `base`
             text = text.replace(staged, shown)
         return text
 

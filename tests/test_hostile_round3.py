@@ -212,3 +212,22 @@ def test_verify_refuses_a_bundle_file_replaced_by_a_symlink(tmp_path: Path, tiny
     err = capsys.readouterr().err
     assert err.count("vae_decoder/openvino_model.bin: a symbolic link (or inside one); a bundle holds its own files, "
                      "never a link out of itself") == 2, err
+
+
+def test_staged_names_are_replaced_longest_first() -> None:
+    """`sources/base_diffusers` (a single file read as diffusers) must not become `<base>_diffusers`."""
+    from types import SimpleNamespace
+
+    from convert.build import _named_by_source
+    from convert.errors import PatchError
+    from convert.roles import SourceRole
+
+    staging = Path("/a/.staging/x")
+    base = SimpleNamespace(role=SourceRole.base(), source=SimpleNamespace(describe=lambda: "local:./b"))
+    resolution = SimpleNamespace(sources=[base], recipe=SimpleNamespace(
+        base=SimpleNamespace(describe=lambda: "local:./b/m.safetensors")))
+    error = PatchError(f"no {staging}/sources/base_diffusers/unet; {staging}/sources/base/vae; {staging}/logs")
+    renamed = _named_by_source(error, staging, resolution)  # type: ignore[arg-type]
+    assert str(renamed) == ("no <local:./b/m.safetensors read as diffusers>/unet; <local:./b>/vae; "
+                            "<this build's staging folder>/logs")
+    assert renamed.exit_code == 4
