@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.disk import nearest_existing
+
 GIB = 1024**3
 GB = 1000**3
 MEMORY_ENV = "SDXL_CONVERT_MEMORY_GIB"
@@ -204,7 +206,7 @@ def _number(raw: str) -> float | None:
 
 def free_disk(folder: Path) -> tuple[int, int]:
     """(device id, free bytes) of the file system `folder` is on (or would be created on)."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path(folder.anchor or "/"))
+    existing = nearest_existing(folder)
     return existing.stat().st_dev, shutil.disk_usage(existing).free
 
 

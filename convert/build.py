@@ -219,11 +219,6 @@ def prepare_build(recipe_path: Path, workspace: Workspace) -> Recipe:
     return recipe
 
 
-def _within(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def check_folders_apart(recipe: Recipe, recipe_path: Path, workspace: Workspace) -> None:
     """The build's output folders never lie inside its own inputs, nor the cache on the artifacts root.
 
@@ -242,10 +237,10 @@ def check_folders_apart(recipe: Recipe, recipe_path: Path, workspace: Workspace)
         except (RuntimeError, OSError):  # a symlink loop: resolve says so in its own words
             continue
         for option, out in outputs.items():
-            if _within(out, folder):
+            if disk.is_under(out, folder):
                 raise PackageError(f"{option} {out} lies inside the local source {role} ({folder}): the build would "
                                    "write into its own input", hint=f"point {option} at a folder outside {folder}")
-    if workspace.component_cache.resolve() == workspace.artifacts.resolve() or _within(
+    if workspace.component_cache.resolve() == workspace.artifacts.resolve() or disk.is_under(
             workspace.artifacts, workspace.component_cache):
         raise PackageError(f"--cache {workspace.component_cache} is the artifacts folder {workspace.artifacts} or holds it",
                            hint="leave --cache out (it defaults to <artifacts>/cache) or point it at a folder of its own")

@@ -73,8 +73,7 @@ def check_free_space(folder: Path, need: int, error: type[ConvertError]) -> None
 
     `folder` need not exist yet (a cache made on first use): its nearest existing parent is measured.
     """
-    measured = next((p for p in (folder, *folder.parents) if p.exists()), Path(folder.anchor or "/"))
-    free = shutil.disk_usage(measured).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     keep = keep_free_bytes()
     if free - keep < need:
         reserve = f" and {KEEP_FREE_ENV} keeps {gib(keep)} GiB" if keep else ""
@@ -97,7 +96,7 @@ def io_error(error: OSError, where: Path, need: int | None, cls: type[ConvertErr
     if is_no_space(error):
         return cls(no_space_message(where, need), hint="free some space or use another --artifacts folder")
     filename = Path(error.filename) if error.filename else None
-    if is_write_refused(error) and filename is not None and _is_under(filename, where):
+    if is_write_refused(error) and filename is not None and is_under(filename, where):
         blocker = next((p for p in (filename, *filename.parents) if p.is_file()), None) if error.errno in (
             errno.EEXIST, errno.ENOTDIR) else None
         reason = ("it is a file, not a folder" if blocker == filename else f"{blocker} is a file, not a folder"
@@ -106,9 +105,15 @@ def io_error(error: OSError, where: Path, need: int | None, cls: type[ConvertErr
     return None
 
 
-def _is_under(path: Path, folder: Path) -> bool:
-    """Resolved: a staging link to a user's source file is not a file of ours (its errors are reads)."""
+def is_under(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies in it, both resolved: a staging link to a user's source file is not a
+    file of ours (its errors are reads), and an --artifacts reached through a symlink still lies where it lies."""
     return path.resolve().is_relative_to(folder.resolve())
+
+
+def nearest_existing(folder: Path) -> Path:
+    """`folder`, or its nearest existing parent: where a folder made on first use will live."""
+    return next((p for p in (folder, *folder.parents) if p.exists()), Path(folder.anchor or "/"))
 
 
 def check_writable(folder: Path, subfolders: tuple[str, ...] = ()) -> None:
