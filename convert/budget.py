@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.disk import nearest_existing
+from validate.pieces import piece_resident_bytes
 
 GIB = 1024**3
 GB = 1000**3
@@ -44,7 +45,8 @@ MATERIALIZE_PER_PARAM = 1.9
 #: compressed (weight decompression in FullyConnected); f16 weights are expanded to f32, every layer.
 #: Measured at full size on an AVX-512 EPYC (2026-12-06): the fp16 SDXL UNet's f32 pipeline run at
 #: 1024x1024, batch 2, peaked at 16.1 GiB = the base + its activations + 4.0 B for each of its 2.57 B
-#: parameters (an earlier guess kept its Linear weights f16 and said 12.0 GiB).
+#: parameters (an earlier guess kept its Linear weights f16 and said 12.0 GiB). Since then the gate runs
+#: a denoiser whose compiled weights exceed `validate.pieces.SPLIT_ABOVE` in pieces: it holds one piece.
 RUN_PER_PARAM: Mapping[str, float] = {"fp32": 4.0, "fp16": 4.0, "int8": 1.05, "int4": 0.55}
 #: The VAE checks at 1024x1024: the torch f32 reference decode (+3.8 GiB alone), then the IR's f32,
 #: emulated and tapped decodes one at a time. Measured: 9.07 GiB peak for the flagship's VAE phase.
@@ -120,9 +122,10 @@ def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, de
             base + VAE_AT_1024 * (vae_resolution / 1024) ** 2)
     if pipeline_resolution:  # every other part compiled alone at f32 (SD3's T5: 4.7 B parameters)
         for part in (p for p in weights if p != denoiser and not p.startswith("vae_")):
-            phases[f"validate: {part} compiled at f32"] = base + exported[part] * run_bytes_per_param(weights[part])
+            phases[f"validate: {part} compiled at f32"] = base + piece_resident_bytes(
+                exported[part] * run_bytes_per_param(weights[part]))
     if pipeline_resolution and denoiser in weights:
-        resident = params.get(denoiser, 0) * run_bytes_per_param(weights[denoiser])
+        resident = piece_resident_bytes(params.get(denoiser, 0) * run_bytes_per_param(weights[denoiser]))
         act = DENOISER_AT_1024 * guidance_batch / 2 * (pipeline_resolution / 1024) ** 2
         phases[f"validate: {denoiser} compiled at f32 for {pipeline_resolution}x{pipeline_resolution}, "
                f"batch {guidance_batch}"] = base + resident + act

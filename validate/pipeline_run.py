@@ -19,7 +19,8 @@ import numpy as np
 import openvino as ov
 
 from convert.memory import release_mapped_pages, release_memory
-from validate.precision import EmulatedModel, ExecutionMode, compile_for, emulate
+from validate.pieces import Piece, pieces_for, run_pieces, split
+from validate.precision import EmulatedModel, ExecutionMode, compile_for, emulate, with_static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class PartRequest:
 
     Static shapes let the CPU plugin fuse the emulation's rounding subgraphs (see
     `with_static_shapes`); a denoising run calls the UNet with one shape throughout.
+    A model whose compiled weights would not fit (an fp16 UNet at f32: 10.3 GB) runs as
+    sequential pieces instead (`pieces.py`), each compiled and dropped per call.
     """
 
     def __init__(self, core: ov.Core, model: ov.Model, mode: ExecutionMode, *, record: bool = False,
@@ -106,9 +109,13 @@ class PartRequest:
         self.maxima: dict[str, float] = {}  # tapped op -> max |activation|, graph order
         self.calls: list[Call] = []
         self._compiled: dict[tuple[tuple[str, tuple[int, ...]], ...], Any] = {}
+        graph = self.runnable.model if isinstance(self.runnable, EmulatedModel) else self.runnable
+        self.pieces = pieces_for(graph, mode.hint)  # 1: compiled whole
+        self._split: dict[tuple[tuple[str, tuple[int, ...]], ...], list[Piece]] = {}
 
     def release(self) -> None:
         """Drop the compiled models (a full-size UNet at f32 holds ~10 GiB); recorded calls and maxima stay."""
+        self._split.clear()
         if self._compiled:
             self._compiled.clear()
             release_memory()
@@ -127,6 +134,8 @@ class PartRequest:
 
     def _infer(self, arrays: dict[str, np.ndarray]) -> Any:
         key = tuple(sorted((k, v.shape) for k, v in arrays.items()))
+        if self.pieces > 1:
+            return self._infer_in_pieces(key, arrays)
         runner = self._compiled.get(key)
         if runner is None:
             if self.turns is not None:
@@ -139,6 +148,28 @@ class PartRequest:
         from validate.submodels import fold_maxima
 
         items = list(result.to_dict().items())  # taps first (`with_taps`), then the model's outputs
+        n = len(self.tap_names)
+        fold_maxima(self.maxima, self.tap_names, [float(v) for _, v in items[:n]])
+        return _Outputs(items[n:])
+
+    def _infer_in_pieces(self, key: tuple[tuple[str, tuple[int, ...]], ...], arrays: dict[str, np.ndarray]) -> Any:
+        emulated = self.runnable if isinstance(self.runnable, EmulatedModel) else None
+        graph = emulated.model if emulated else self.runnable
+        if key not in self._split:
+            if self.turns is not None:
+                self.turns.take(self)
+            static = with_static_shapes(graph, arrays)
+            self._split[key] = split(static, self.pieces, self.mode.hint)
+            log.info("%s runs in %d pieces at %s (its weights would not fit compiled whole)",
+                     graph.get_friendly_name(), self.pieces, self.mode.hint)
+        extra = dict(emulated.extra_inputs) if emulated else {}
+        values = run_pieces(self.core, self._split[key], self.mode.device, {"INFERENCE_PRECISION_HINT": self.mode.hint},
+                            {**arrays, **extra})
+        items = list(zip(graph.outputs, values, strict=True))
+        if not self.tap_names:
+            return _Outputs(items)
+        from validate.submodels import fold_maxima
+
         n = len(self.tap_names)
         fold_maxima(self.maxima, self.tap_names, [float(v) for _, v in items[:n]])
         return _Outputs(items[n:])
