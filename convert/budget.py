@@ -48,12 +48,17 @@ MATERIALIZE_PER_PARAM = 1.9
 #: parameters (an earlier guess kept its Linear weights f16 and said 12.0 GiB). Since then the gate runs
 #: a denoiser whose compiled weights exceed `validate.pieces.SPLIT_ABOVE` in pieces: it holds one piece.
 RUN_PER_PARAM: Mapping[str, float] = {"fp32": 4.0, "fp16": 4.0, "int8": 1.05, "int4": 0.55}
-#: The VAE checks at 1024x1024: the torch f32 reference decode (+3.8 GiB alone), then the IR's f32,
-#: emulated and tapped decodes one at a time. Measured: 9.07 GiB peak for the flagship's VAE phase.
-VAE_AT_1024 = 7.2 * GIB
+#: The VAE checks at 1024x1024: the torch f32 reference decode, then the IR's f32, emulated and tapped
+#: decodes one at a time. Measured since the taps went first (full-size SDXL VAE, 2026-12-06/07): 5.29 GiB
+#: peak for the single file + LoRA build's VAE phase, 5.23 GiB for the fp16-UNet build's (base ~1.9 GiB).
+VAE_AT_1024 = 3.4 * GIB
 #: Activations of the denoiser at 1024x1024 for the guidance batch of 2 (the emulated f16 run is the
 #: larger). Measured: 9.14 GiB peak in the flagship's end-to-end f16 run with its int8 UNet.
 DENOISER_AT_1024 = 4.7 * GIB
+#: The same for a denoiser run in pieces (validate/pieces.py): only one piece's activations are alive.
+#: Measured: the fp16 SDXL UNet in 4 pieces, its emulated f16 replay at 1024x1024, batch 2: 5.94 GiB peak
+#: = the base + one piece (2.39 GiB) + 1.65 GiB.
+PIECE_ACTIVATIONS_AT_1024 = 1.7 * GIB
 #: Bytes per parameter of the whole pipeline the validate stage holds besides its compiled models
 #: (the patched torch pipeline's leftovers, the f32 reference VAE, the IRs read): 1.6-1.9 GiB at full size.
 VALIDATE_PER_PARAM = 0.25
@@ -125,8 +130,10 @@ def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, de
             phases[f"validate: {part} compiled at f32"] = base + piece_resident_bytes(
                 exported[part] * run_bytes_per_param(weights[part]))
     if pipeline_resolution and denoiser in weights:
-        resident = piece_resident_bytes(params.get(denoiser, 0) * run_bytes_per_param(weights[denoiser]))
-        act = DENOISER_AT_1024 * guidance_batch / 2 * (pipeline_resolution / 1024) ** 2
+        whole = params.get(denoiser, 0) * run_bytes_per_param(weights[denoiser])
+        resident = piece_resident_bytes(whole)
+        per_image = DENOISER_AT_1024 if resident == whole else PIECE_ACTIVATIONS_AT_1024
+        act = per_image * guidance_batch / 2 * (pipeline_resolution / 1024) ** 2
         phases[f"validate: {denoiser} compiled at f32 for {pipeline_resolution}x{pipeline_resolution}, "
                f"batch {guidance_batch}"] = base + resident + act
     if not phases:
@@ -320,8 +327,8 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
     native = _native_resolution(resolution, workspace, guessed)
     vae_resolution = v.resolution or native
     pipeline_resolution = (e2e.resolution or v.resolution or native) if e2e.prompts else None
-    batch = 2 if e2e.guidance_scale > 1 else 1
-    vae_checked = any(p.startswith("vae_") and p in weights for p in v.components)
+    batch = 2 if recipe.run_guidance() > 1 else 1
+    vae_checked = any(p.startswith("vae_") and p in weights for p in recipe.gated_components())
     memory, phase = estimate_memory(params, weights, denoiser=family.denoiser, vae_resolution=vae_resolution,
                                     pipeline_resolution=pipeline_resolution, guidance_batch=batch,
                                     vae_checked=vae_checked, materialize=needs_materializing(recipe))

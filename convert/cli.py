@@ -470,10 +470,12 @@ def _render_headline(console: Any, headline: Headline) -> None:
                           f"min PSNR {h.min_psnr_db} dB{extra}", highlight=False)
     for precision, s in headline.submodels.items():
         console.print(f"submodels {precision}: {s.non_finite}/{s.values} non-finite, min cosine {s.min_cosine} "
-                      f"(text encoders, UNet on captured inputs)", highlight=False)
+                      f"(text encoders, denoiser on captured inputs)", highlight=False)
     for precision, e in headline.end_to_end.items():
         console.print(f"end to end {precision}: {e.non_finite}/{e.values} non-finite, min PSNR {e.min_psnr_db} "
                       f"dB, min SSIM {e.min_ssim} vs f32", highlight=False)
+    for line in headline.not_checked:
+        console.print(f"[yellow]not checked:[/] {line}", highlight=False)
     if headline.cpu:
         console.print(f"gate ran on: {headline.cpu}; half precision {', '.join(headline.execution) or '-'}",
                       highlight=False)

@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -160,8 +161,9 @@ class Source(_Strict):
         return f"generated:{self.generated.generator}(seed={self.generated.seed}){name}"
 
 
-#: What a LoRA may target: the SDXL-style pipeline attributes diffusers' LoRA loader knows.
-LoraTarget = Literal["unet", "text_encoder", "text_encoder_2"]
+#: What a LoRA may target: a pipeline attribute diffusers' LoRA loader knows, checked against the family's
+#: `lora_targets` by the recipe (SDXL: unet, text_encoder, text_encoder_2).
+LoraTarget = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 class Lora(_Strict):
@@ -173,7 +175,8 @@ class Lora(_Strict):
     )
     targets: list[LoraTarget] = Field(
         default_factory=lambda: ["unet"], min_length=1,
-        description="Components it is fused into; each must match all of the file's keys for it (else an error).",
+        description="Components it is fused into (the family's LoRA targets; SDXL: unet, text_encoder, text_encoder_2); "
+        "each must match all of the file's keys for it (else an error).",
     )
 
     @field_validator("source")
@@ -286,12 +289,18 @@ class EndToEndSettings(_Strict):
         max_length=8, description="Prompts generated at f32 and at each target precision (same seeds). The f32 run also "
         "captures the text-encoder and UNet inputs their checks replay; empty: neither runs.",
     )
-    steps: int = Field(default=3, ge=2, le=MAX_DENOISE_STEPS, description="Denoising steps per image.")
-    unet_calls: int = Field(
-        default=3, ge=2, le=MAX_DENOISE_STEPS, description="UNet calls of the first prompt replayed at each precision, evenly spaced, first and last included."
+    steps: int | None = Field(
+        default=None, ge=1, le=MAX_DENOISE_STEPS,
+        description="Denoising steps per image; default (null): the pipeline family's (SDXL, SD3: 3 of a longer run). "
+        "Distilled models (Turbo, Lightning, LCM) are gated at the steps they are run with (1-4).",
     )
-    guidance_scale: float = Field(
-        default=5.0, gt=1.0, description="Classifier-free guidance scale (> 1, so the UNet runs a batch of 2, as in use)."
+    unet_calls: int = Field(
+        default=3, ge=1, le=MAX_DENOISE_STEPS, description="Denoiser (UNet or transformer) calls of the first prompt "
+        "replayed at each precision, evenly spaced, first and last included (all of them if there are fewer)."
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="Classifier-free guidance scale; default (null): the family's (SDXL 5, "
+        "SD3 4.5). Above 1 the denoiser runs a batch of 2 (guided and unguided), at 1 or below a batch of 1, as in use.",
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED - 7, description="Seed of the first prompt; prompt i uses "
                       "seed + i, and every seed must fit 32 bits: 0 .. 2^32-8.")
@@ -310,11 +319,11 @@ class EndToEndSettings(_Strict):
 
 
 class ValidationSettings(_Strict):
-    components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]] = Field(
-        default_factory=lambda: ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"], min_length=1,
-        description="Submodels the gate checks at every target precision (text encoders and UNet on inputs "
+    components: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Submodels the gate checks at every target precision (text encoders and the denoiser on inputs "
         "captured from an f32 run of the bundle; VAE parts on encoded photos and denoised latents); at least one. "
-        "By default those of the pipeline family that it has.",
+        "Default (null): every submodel the pipeline family exports.",
     )
     min_cosine: float = Field(
         default=0.999, ge=0.0, le=1.0,
@@ -362,8 +371,8 @@ class ValidationSettings(_Strict):
 
     @field_validator("components")
     @classmethod
-    def _distinct_parts(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
+    def _distinct_parts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
             raise ValueError("lists a component twice")
         return value
 
@@ -440,16 +449,26 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        explicit = "components" in self.validation.model_fields_set
-        for part in self.validation.components:
-            if part not in self.family.components:
-                if explicit:
-                    raise ValueError(f"validation.components lists {part}, which a {self.pipeline} pipeline does not have")
-                continue
+        for part in self.validation.components or ():
+            if part not in self.family.weighted:
+                raise ValueError(f"validation.components lists {short(part)}, which a {self.pipeline} pipeline does not "
+                                 f"have{suggest(part, self.family.weighted)}")
             if not self.settings_for(part).export:
-                listed = "lists" if explicit else "defaults to every submodel, including"
-                raise ValueError(f"validation.components {listed} {part} but components.{part}.export is false; "
+                raise ValueError(f"validation.components lists {part} but components.{part}.export is false; "
                                  f"export it or list only exported submodels in validation.components")
+        gate = self.family.gate
+        if self.validation.end_to_end.prompts:
+            if gate is None:
+                raise ValueError(f"validation.end_to_end: a {self.pipeline} pipeline has no end-to-end run in its family "
+                                 "record; set validation.end_to_end.prompts: [] (reported as not checked)")
+            for part in gate.calls:
+                if part not in self.family.optional and not self.settings_for(part).export:
+                    raise ValueError(f"validation.end_to_end runs the whole pipeline, which calls {part}, but "
+                                     f"components.{part}.export is false; export it or set validation.end_to_end.prompts: [] "
+                                     "(reported as not checked)")
+        if not self.gated_components():
+            raise ValueError("validation.components: every submodel is switched off (components.*.export: false); "
+                             "export at least one")
         if self.target.device != "CPU":  # OpenVINO's GPU and NPU plugins run f16 or f32 only
             for part in self.exported_components():
                 if "bf16" in self.precisions_for(part) and not part.startswith("tokenizer"):
@@ -514,6 +533,22 @@ class Recipe(_Strict):
 
     def precisions_for(self, component: str) -> list[Precision]:
         return self.settings_for(component).inference_precision or list(self.target.inference_precision)
+
+    def gated_components(self) -> list[str]:
+        """Submodels the gate checks: the recipe's list, else every weighted submodel it exports."""
+        if self.validation.components is not None:
+            return list(self.validation.components)
+        return [c for c in self.family.weighted if self.settings_for(c).export]
+
+    def run_steps(self) -> int:
+        """Denoising steps of the gate's end-to-end runs (the recipe's, else the family's)."""
+        steps = self.validation.end_to_end.steps
+        return steps if steps is not None else (self.family.gate.steps if self.family.gate else 3)
+
+    def run_guidance(self) -> float:
+        """Guidance scale of the gate's end-to-end runs (the recipe's, else the family's)."""
+        scale = self.validation.end_to_end.guidance_scale
+        return scale if scale is not None else (self.family.gate.guidance_scale if self.family.gate else 5.0)
 
     def exported_components(self) -> list[str]:
         return [c for c in self.family.components if self.settings_for(c).export]

@@ -144,12 +144,35 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
 
 
+#: Each registered family's tiny recipe (offline generator, whole gate): built once per pytest session.
+TINY_RECIPES = {
+    "stable-diffusion-xl": "tiny-sdxl-fp16fix",
+    "stable-diffusion-xl-refiner": "tiny-sdxl-refiner",
+    "stable-diffusion-3": "tiny-sd35-medium",
+}
+
+
 @pytest.fixture(scope="session")
-def tiny_build(artifacts_root: Path):  # -> convert.build.BuildResult
+def family_build(artifacts_root: Path):  # -> Callable[[str], convert.build.BuildResult]
+    """`family_build(name)`: the family's tiny recipe built once per session (a dozen full tiny builds
+    made the suite 15 minutes long); tests that only read the bundle share it."""
     from convert.build import build
     from convert.workspace import PROJECT_ROOT, Workspace
 
-    return build(PROJECT_ROOT / "recipes" / "tiny-sdxl-fp16fix.yaml", Workspace(artifacts=artifacts_root))
+    built: dict[str, object] = {}
+
+    def get(family: str):  # type: ignore[no-untyped-def]
+        if family not in built:
+            built[family] = build(PROJECT_ROOT / "recipes" / f"{TINY_RECIPES[family]}.yaml",
+                                  Workspace(artifacts=artifacts_root))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_build(family_build):  # -> convert.build.BuildResult
+    return family_build("stable-diffusion-xl")
 
 
 @pytest.fixture(scope="session")

@@ -83,8 +83,8 @@ def test_overflow_unet_fails_naming_its_block(failed_build: tuple[int, list[str]
     assert code == 6 and len(unet) == 1, failures
     assert unet[0].startswith("unet f16: ") and "output values non-finite" in unet[0]
     assert f"first overflow in block {UNET_OVERFLOW_BLOCK} (max |activation|" in unet[0]
-    assert unet[0].endswith("run the UNet at f32 on the target (components.unet.inference_precision: [f32]) "
-                            "or substitute a UNet without the overflow (substitutions.unet)")
+    assert unet[0].endswith("run it at f32 on the target (components.unet.inference_precision: [f32]) "
+                            "or substitute one without the overflow (substitutions.unet)")
     report = json.loads((moved / "validation" / "report.json").read_text())
     rows = {r["precision"]: r for r in report["submodels"] if r["component"] == "unet"}
     assert rows["f16"]["invalid"] == rows["f16"]["total"] > 0 and rows["f16"]["first_overflow"] == UNET_OVERFLOW_BLOCK

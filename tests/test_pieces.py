@@ -107,3 +107,19 @@ def test_part_request_in_pieces_records_what_the_whole_does(unet: ov.Model, prec
     assert _same(np.array(list(split.maxima.values())), np.array(list(whole.maxima.values())))
     replayed, expected = split.run(_inputs(2)), whole.run(_inputs(2))
     assert replayed.keys() == expected.keys() and all(_same(replayed[k], expected[k]) for k in expected)
+
+
+def test_block_maxima_in_pieces_find_the_same_first_overflow(unet: ov.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from validate.pipeline_run import Call
+    from validate.submodels import block_maxima, first_beyond
+
+    core = ov.Core()
+    emulated = emulate(unet, "f16")
+    calls = [Call(_inputs(0), {})]
+    whole_blocks, whole_ops = block_maxima(core, emulated, calls)
+    monkeypatch.setattr(pieces, "SPLIT_ABOVE", 0)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", max(1, pieces.compiled_weight_bytes(unet, "f32") // 3))
+    split_blocks, split_ops = block_maxima(core, emulated, calls)
+    assert [name for name, _ in split_ops] == [name for name, _ in whole_ops] and len(whole_ops) > 10
+    assert _same(np.array([v for _, v in split_ops]), np.array([v for _, v in whole_ops]))
+    assert first_beyond(split_ops) == first_beyond(whole_ops) is not None

@@ -233,3 +233,16 @@ def test_a_scheduler_diffusers_cannot_build_is_refused_before_any_download(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {recipe}: {expected}"), err
     assert not (tmp_path / "art" / "sources").exists() and not (tmp_path / "art" / "scheduler").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd35-medium", "tiny-sdxl-refiner", "tiny-sdxl-fp16fix", "sd35-medium",
+                                  "sdxl-turbo-fp16fix"])
+def test_a_recipe_stored_in_build_json_reads_back_under_its_own_family(name: str) -> None:
+    # issue 20: an SD3 bundle's build.json held SDXL's default validation.components and was refused on reading
+    from convert.recipe import Recipe
+
+    recipe = load_recipe(PROJECT_ROOT / "recipes" / f"{name}.yaml")
+    stored = json.loads(json.dumps(recipe.model_dump(mode="json")))
+    again = Recipe.model_validate(stored)
+    assert again == recipe and again.gated_components() == recipe.gated_components()
+    assert set(again.gated_components()) <= set(recipe.family.weighted)

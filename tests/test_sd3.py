@@ -26,8 +26,8 @@ TINY = PROJECT_ROOT / "recipes" / "tiny-sd35-medium.yaml"
 
 
 @pytest.fixture(scope="module")
-def sd3_build(artifacts_root: Path) -> BuildResult:
-    return build(TINY, Workspace(artifacts=artifacts_root))
+def sd3_build(family_build) -> BuildResult:  # type: ignore[no-untyped-def]
+    return family_build(SD3.name)  # the contract test's build (test_family_contract.py), shared
 
 
 def test_bundle_has_every_sd3_submodel(sd3_build: BuildResult) -> None:

@@ -18,8 +18,8 @@ TINY = PROJECT_ROOT / "recipes" / "tiny-sdxl-refiner.yaml"
 
 
 @pytest.fixture(scope="module")
-def refiner_build(artifacts_root: Path) -> BuildResult:
-    return build(TINY, Workspace(artifacts=artifacts_root))
+def refiner_build(family_build) -> BuildResult:  # type: ignore[no-untyped-def]
+    return family_build(SDXL_REFINER.name)  # the contract test's build (test_family_contract.py), shared
 
 
 def test_bundle_has_one_text_encoder_and_passes_the_gate(refiner_build: BuildResult) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from convert.disk import is_no_space
 from convert.errors import ConvertError, ValidationError, first_line
+from convert.families.base import VAE_IO
 from convert.recipe import Recipe
 from validate.host import cpu_isa, openvino_version
 from validate.inputs import InputSet, denoised_set, image_set
@@ -28,7 +29,6 @@ from validate.report import CheckResult, ValidationReport, save_png
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-IO_NAMES = {"vae_decoder": ("latent_sample", "sample"), "vae_encoder": ("sample", "latent_parameters")}
 FIX_HINT = ("substitute an FP16-fixed VAE (recipe key substitutions.vae), set components.<part>.fp16_fix: rescale or "
             "runtime-scale, or run it at f32 (target.inference_precision)")
 
@@ -42,8 +42,8 @@ def describe_checks(recipe: Recipe) -> list[str]:
     if v.images[n_full:]:
         inputs.append(f"{', '.join(v.images[n_full:])} at {v.small_resolution}x{v.small_resolution}")
     lines = []
-    for part in v.components:
-        if not recipe.settings_for(part).export or part not in IO_NAMES:
+    for part in recipe.gated_components():
+        if not recipe.settings_for(part).export or part not in VAE_IO:
             continue
         for precision in recipe.precisions_for(part):
             how = "" if precision == "f32" else f" (on {recipe.target.device} if present and really {precision}, else emulated)"
@@ -100,7 +100,7 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
             sets.append(image_set(original_vae, settings.images[:n_full], full))
         if settings.images[n_full:]:
             sets.append(image_set(original_vae, settings.images[n_full:], small))
-        if settings.denoise_steps and "vae_decoder" in settings.components:
+        if settings.denoise_steps and "vae_decoder" in recipe.gated_components():
             notify(f"validate: {settings.denoise_steps}-step denoising run of the exported pipeline at {small}x{small}")
             sets.append(denoised_set(bundle_dir, patched.family, settings.prompt, settings.denoise_steps, small))
 
@@ -116,7 +116,7 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
         targets.append(("original", original_vae))
     image_dir = bundle_dir / "validation"
     started = time.monotonic()
-    for part in (p for p in settings.components if p in IO_NAMES):
+    for part in (p for p in recipe.gated_components() if p in VAE_IO):
         xml = bundle_dir / part / "openvino_model.xml"
         if not xml.is_file():
             continue
@@ -171,7 +171,7 @@ def _check_all(core: Any, model: Any, part: str, label: str, precision: str, rec
     mode = plan_execution(core, device, precision)  # type: ignore[arg-type]
     model = as_target_runs(model, recipe.target.device, mode.device, precision)  # ACTIVATIONS_SCALE_FACTOR as the GPU applies it
     runnable = emulate(model, precision) if mode.emulated else model  # type: ignore[arg-type]
-    in_name, _ = IO_NAMES[part]
+    in_name, _ = VAE_IO[part]
     where = f"{mode.device}" + ("" if device == recipe.target.device else f" (target {recipe.target.device} not present)")
     execution = f"{'emulated' if mode.emulated else 'native'}: {mode.reason}"
     results = []
@@ -230,5 +230,5 @@ def _convert_original(vae: Any, part: str) -> Any:
     example = torch.zeros(1, channels, side, side)
     with torch.no_grad():
         model = ov.convert_model(Part().eval(), example_input=example, input=[ov.PartialShape([-1, channels, -1, -1])])
-    model.inputs[0].get_tensor().set_names({IO_NAMES[part][0]})
+    model.inputs[0].get_tensor().set_names({VAE_IO[part][0]})
     return model

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from convert.recipe import Recipe
-from validate.submodels import SUBMODELS
 
 
 def describe_pipeline_checks(recipe: Recipe) -> list[str]:
-    v, e2e = recipe.validation, recipe.validation.end_to_end
-    if not set(SUBMODELS) <= set(recipe.family.components):
-        return []  # the end-to-end run drives an SDXL-layout pipeline (validate/pipeline_run.py)
+    v, e2e, family = recipe.validation, recipe.validation.end_to_end, recipe.family
+    replayed = [p for p in family.gate.checked(family.denoiser)] if family.gate else []
+    checked = [p for p in replayed if p in recipe.gated_components() and recipe.settings_for(p).export]
     if not e2e.prompts:
-        return ["no end-to-end run and no text-encoder/UNet checks (validation.end_to_end.prompts is empty)"]
+        return [f"not checked: end-to-end images{' and ' + ', '.join(checked) if checked else ''} "
+                "(validation.end_to_end.prompts is empty)"]
     side = e2e.resolution or v.resolution
     size = f"{side}x{side}" if side else "native resolution"
-    run = f"{len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}, guidance {e2e.guidance_scale:g}"
+    steps, guidance = recipe.run_steps(), recipe.run_guidance()
+    batch = 2 if guidance > 1 else 1
+    run = f"{len(e2e.prompts)} prompt(s), {steps} steps at {size}, guidance {guidance:g}"
     lines = []
-    for part in (p for p in SUBMODELS if p in v.components and recipe.settings_for(p).export):
-        what = (f"{min(e2e.unet_calls, e2e.steps)} of the first prompt's {e2e.steps} UNet calls (batch 2)"
-                if part == "unet" else "the prompts as the bundle's tokenizer encodes them")
+    for part in checked:
+        what = (f"{min(e2e.unet_calls, steps)} of the first prompt's {steps} {part} calls (batch {batch})"
+                if part == family.denoiser else "the prompts as the bundle's tokenizer encodes them")
         for precision in recipe.precisions_for(part):
             how = "" if precision == "f32" else f" (on {recipe.target.device} if present and really {precision}, else emulated)"
             lines.append(f"{part} at {precision}{how}: non-finite <= {v.max_non_finite}, cosine >= {v.min_cosine:g} vs the "
@@ -29,4 +31,7 @@ def describe_pipeline_checks(recipe: Recipe) -> list[str]:
     for label in (p for p in recipe.target.inference_precision if p != "f32"):
         lines.append(f"end to end at {label} vs f32, same seeds ({run}): {', '.join(limits)}"
                      f"{'' if e2e.gate else ' (report only)'}; side-by-side grid and headroom charts in the report")
+    left_out = [p for p in replayed if p not in checked and recipe.settings_for(p).export]
+    if left_out:
+        lines.append(f"not checked: {', '.join(left_out)} on captured calls (not in validation.components)")
     return lines

@@ -99,6 +99,7 @@ class Headline:
     submodels: Mapping[str, SubmodelVerdict] = field(default_factory=dict)
     end_to_end: Mapping[str, EndToEndVerdict] = field(default_factory=dict)
     cpu: str | None = None  # the CPU ISA the gate ran on (validate.host); None in reports from before it was recorded
+    not_checked: tuple[str, ...] = ()  # gate parts the recipe switched off, in words
 
     def to_json(self) -> dict[str, Any]:
         """Numbers as computed (an exact match is float inf); report.json spells inf as "inf" itself."""
@@ -118,6 +119,8 @@ class Headline:
             out["submodels"] = {p: v.to_json() for p, v in self.submodels.items()}
         if self.end_to_end:
             out["end_to_end"] = {p: v.to_json() for p, v in self.end_to_end.items()}
+        if self.not_checked:
+            out["not_checked"] = list(self.not_checked)
         return out
 
     @classmethod
@@ -147,8 +150,12 @@ class Headline:
         cpu = data.get("cpu")
         if cpu is not None and not isinstance(cpu, str):
             raise MalformedHeadline(f"headline.cpu: expected a string, got {cpu!r}")
+        not_checked = data.get("not_checked", [])
+        if not isinstance(not_checked, list) or not all(isinstance(n, str) for n in not_checked):
+            raise MalformedHeadline(f"headline.not_checked: expected a list of strings, got {not_checked!r}")
         return cls(
             cpu=cpu,
+            not_checked=tuple(not_checked),
             passed=data["passed"],
             vae=vae,
             original_vae=original,
@@ -162,7 +169,7 @@ class Headline:
         )
 
 
-_KEYS = ("passed", "max_abs_activation", "f16_headroom", "execution", "submodels", "end_to_end", "cpu")
+_KEYS = ("passed", "max_abs_activation", "f16_headroom", "execution", "submodels", "end_to_end", "cpu", "not_checked")
 
 
 def vae_verdict(values: int, non_finite: int, psnrs: Sequence[float | None]) -> VaeVerdict:

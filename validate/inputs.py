@@ -70,8 +70,12 @@ def image_set(vae: Any, names: list[str], size: int) -> InputSet:
     )
 
 
-def _denoise_size(family: PipelineFamily, size: int) -> dict[str, Any]:
-    """text-to-image takes the size; image-to-image takes it from its input image (all steps run: strength 1)."""
+def run_inputs(family: PipelineFamily, size: int) -> dict[str, Any]:
+    """What the pipeline call takes besides prompt, steps and guidance, as its users call it.
+
+    text-to-image takes the size; image-to-image takes it from its input image (the astronaut
+    photo; all steps run: strength 1).
+    """
     if family.task != "image-to-image":
         return {"height": size, "width": size}
     from PIL import Image
@@ -97,7 +101,7 @@ def denoised_set(bundle_dir: Path, family: PipelineFamily, prompt: str, steps: i
         num_inference_steps=steps,
         output_type="latent",
         generator=np.random.RandomState(seed),
-        **_denoise_size(family, size),
+        **run_inputs(family, size),
     )
     latents = np.asarray(result.images, dtype=np.float32)
     decoder_input, how = family.decoder_latents(latents, pipe.vae_decoder.config)

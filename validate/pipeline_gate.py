@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from convert.families import GateSpec
 from convert.recipe import Recipe
 from validate.end_to_end import ImageComparison, Thresholds, compare, save_grid
-from validate.pipeline_run import PARTS, Call, OneAtATime, PartRequest, evenly_spaced, generate, install, load_pipeline
+from validate.inputs import run_inputs
+from validate.pipeline_run import Call, OneAtATime, PartRequest, evenly_spaced, generate, install, load_pipeline
 from validate.precision import ExecutionMode, plan_execution
-from validate.submodels import SUBMODELS, SubmodelResult, check_submodel, per_block
+from validate.submodels import SubmodelResult, check_submodel, per_block
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class PipelineChecks:
     figures: dict[str, str] = field(default_factory=dict)  # png name -> caption
     maxima: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> block -> max |act|
     timings: dict[str, float] = field(default_factory=dict)
+    not_checked: list[str] = field(default_factory=list)  # gate parts a recipe switched off, in words
+
+
+class GateSetupError(RuntimeError):
+    """The end-to-end run cannot be made for this bundle: a build error, never a silent skip."""
 
 
 def run_precision(recipe: Recipe, label: str, part: str) -> str:
@@ -81,31 +88,48 @@ class _Modes:
 def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size: int,
                         notify: Progress | None = None) -> PipelineChecks:
     say = notify or (lambda _m: None)
-    settings, e2e = recipe.validation, recipe.validation.end_to_end
+    settings, e2e, family = recipe.validation, recipe.validation.end_to_end, recipe.family
     out = PipelineChecks(limits=Thresholds(e2e.max_non_finite, e2e.min_ssim, e2e.min_psnr_db, e2e.gate))
-    present = [p for p in PARTS if (bundle_dir / p / "openvino_model.xml").is_file()]
-    if not e2e.prompts or set(PARTS) - set(present):
-        log.info("no end-to-end run: %s", "no prompts" if not e2e.prompts else f"bundle lacks {set(PARTS) - set(present)}")
+    gate = family.gate
+    replayed = [p for p in (gate.checked(family.denoiser) if gate else ()) if p in recipe.gated_components()]
+    if not e2e.prompts:
+        out.not_checked.append("end-to-end images" + (f" and {', '.join(replayed)} on captured calls" if replayed else "")
+                               + " (validation.end_to_end.prompts is empty)")
         return out
+    if gate is None:
+        raise GateSetupError(f"the {family.name} family declares no end-to-end run (its record has no gate); "
+                             "set validation.end_to_end.prompts: [] to build without it")
+    present = [p for p in gate.calls if (bundle_dir / p / "openvino_model.xml").is_file()]
+    missing = [p for p in gate.calls if p not in present and p not in family.optional]
+    if missing:
+        raise GateSetupError(f"the end-to-end run needs {', '.join(missing)}, which the bundle lacks; export "
+                             f"{'them' if len(missing) > 1 else 'it'} (components.{missing[0]}.export) or set "
+                             "validation.end_to_end.prompts: [] to build without the run")
     size = e2e.resolution or settings.resolution or native_size
+    steps, guidance = recipe.run_steps(), recipe.run_guidance()
     device = recipe.target.device if recipe.target.device in core.available_devices else "CPU"
     modes = _Modes(core, device, {p: core.read_model(bundle_dir / p / "openvino_model.xml") for p in present})
-    checked = [p for p in SUBMODELS if p in settings.components]
+    checked = [p for p in replayed if p in present]
+    left_out = [p for p in (gate.checked(family.denoiser)) if p in present and p not in checked]
+    if left_out:
+        out.not_checked.append(f"{', '.join(left_out)} on captured calls (not in validation.components)")
+    call_inputs = run_inputs(family, size)
 
     def images(pipeline: Any) -> list[np.ndarray]:
-        return [generate(pipeline, prompt, steps=e2e.steps, size=size, guidance_scale=e2e.guidance_scale,
-                         seed=e2e.seed + i) for i, prompt in enumerate(e2e.prompts)]
+        return [generate(pipeline, prompt, steps=steps, guidance_scale=guidance, seed=e2e.seed + i, **call_inputs)
+                for i, prompt in enumerate(e2e.prompts)]
 
     started = time.monotonic()
-    say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {e2e.steps} steps at {size}x{size}")
+    say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {steps} steps at {size}x{size}, "
+        f"guidance {guidance:g}")
     pipeline = load_pipeline(bundle_dir, recipe.family.optimum_class)
-    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p != "vae_decoder", taps=p in checked,
+    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p in checked, taps=p in checked,
                                 turns=modes.turns) for p in present}
     install(pipeline, reference)
     f32_images = images(pipeline)
     out.timings["pipeline_f32"] = time.monotonic() - started
 
-    captured = _captured(reference, len(e2e.prompts), e2e.steps, e2e.unet_calls, size)
+    captured = _captured(reference, gate, family.denoiser, checked, len(e2e.prompts), steps, e2e.unet_calls, size)
     for part in checked:  # the whole f32 run's maxima, before its compiled models go
         out.maxima[part] = per_block(reference[part].maxima)
     maxima = {part: (out.maxima[part], list(reference[part].maxima.items())) for part in checked}
@@ -124,7 +148,8 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
             say(f"validate: {part} {precision} on captured inputs")
             checked_at.append(check_submodel(
                 core, modes.models[part], part, modes.request(part, precision), calls, inputs=described,
-                min_cosine=settings.min_cosine, max_non_finite=settings.max_non_finite, maxima=maxima[part]))
+                min_cosine=settings.min_cosine, max_non_finite=settings.max_non_finite, maxima=maxima[part],
+                substitutable=part in family.substitutable))
         out.timings["submodels"] += time.monotonic() - started
         if precision in labels:
             started = time.monotonic()
@@ -149,23 +174,23 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     return out
 
 
-def _captured(reference: dict[str, PartRequest], prompts: int, steps: int, unet_calls: int,
-              size: int) -> dict[str, tuple[list[Call], str]]:
-    """The calls each submodel replays, and how the report names them.
+def _captured(reference: dict[str, PartRequest], gate: GateSpec, denoiser: str, checked: list[str], prompts: int,
+              steps: int, denoiser_calls: int, size: int) -> dict[str, tuple[list[Call], str]]:
+    """The calls each checked submodel replays, and how the report names them.
 
-    Text encoders: every call (one per prompt). UNet: `unet_calls` of the first prompt's
-    `steps` calls, evenly spaced, first and last included (the recording stopped after it).
+    Text encoders: every call (one per prompt). The denoiser: `denoiser_calls` of the first
+    prompt's `steps` calls, evenly spaced, first and last included; its batch (2 with
+    classifier-free guidance, else 1) is read from the family's latent input.
     """
-    unet = reference["unet"].calls[:steps]
-    chosen = evenly_spaced(len(unet), unet_calls)
-    batch = unet[0].inputs["sample"].shape[0] if unet else 0
     tokenized = f"{prompts} prompt(s) tokenized by the bundle's tokenizer"
-    return {
-        "text_encoder": (reference["text_encoder"].calls, tokenized),
-        "text_encoder_2": (reference["text_encoder_2"].calls, tokenized),
-        "unet": ([unet[i] for i in chosen],
-                 f"steps {', '.join(str(i + 1) for i in chosen)} of {len(unet)} (batch {batch}, {size}x{size})"),
-    }
+    out = {part: (reference[part].calls, tokenized) for part in checked if part != denoiser}
+    if denoiser in checked:
+        calls = reference[denoiser].calls[:steps]
+        chosen = evenly_spaced(len(calls), denoiser_calls)
+        batch = calls[0].inputs[gate.latent_input].shape[0] if calls else 0
+        out[denoiser] = ([calls[i] for i in chosen],
+                         f"steps {', '.join(str(i + 1) for i in chosen)} of {len(calls)} (batch {batch}, {size}x{size})")
+    return out
 
 
 def draw_charts(folder: Path, maxima: dict[str, dict[str, float]]) -> dict[str, str]:
@@ -188,6 +213,7 @@ def attach_pipeline_checks(report: Any, bundle_dir: Path, recipe: Recipe, core: 
     report.submodels, report.images, report.image_limits = found.submodels, found.images, found.limits
     report.figures |= found.figures
     report.timings |= found.timings
+    report.not_checked += found.not_checked
     maxima = dict(found.maxima)
     for check in report.gating_checks:  # the shipped VAE parts, from their own checks
         if check.max_abs_activation and check.component not in maxima:

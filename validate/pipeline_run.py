@@ -24,10 +24,6 @@ from validate.precision import EmulatedModel, ExecutionMode, compile_for, emulat
 
 log = logging.getLogger(__name__)
 
-#: Pipeline attributes of optimum's OV pipeline that run an exported submodel, in call order.
-PARTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
-
-
 @dataclass(frozen=True)
 class Call:
     """One submodel call: inputs as the compiled model takes them, outputs by tensor name."""
@@ -220,11 +216,14 @@ def install(pipeline: Any, requests: Mapping[str, PartRequest]) -> None:
         getattr(pipeline, part).request = request
 
 
-def generate(pipeline: Any, prompt: str, *, steps: int, size: int, guidance_scale: float, seed: int) -> np.ndarray:
-    """One image [H, W, 3] in [0, 1], NaN kept (a black image on a device is NaN here)."""
+def generate(pipeline: Any, prompt: str, *, steps: int, guidance_scale: float, seed: int, **inputs: Any) -> np.ndarray:
+    """One image [H, W, 3] in [0, 1], NaN kept (a black image on a device is NaN here).
+
+    `inputs`: the size (text-to-image) or the input image (image-to-image), `inputs.run_inputs`.
+    """
     result = pipeline(
-        prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance_scale,
-        output_type="np", generator=np.random.RandomState(seed),
+        prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+        output_type="np", generator=np.random.RandomState(seed), **inputs,
     )
     return np.asarray(result.images[0], dtype=np.float32)
 

@@ -59,6 +59,7 @@ class ValidationReport:
     figures: dict[str, str] = field(default_factory=dict)  # grid and headroom charts: png name -> caption
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the gate
     cpu: str | None = None  # the CPU ISA the gate ran on, e.g. "AVX2 (16 vector registers)"
+    not_checked: list[str] = field(default_factory=list)  # gate parts the recipe switched off, in words
 
     @property
     def gating_checks(self) -> list[CheckResult]:
@@ -98,6 +99,7 @@ class ValidationReport:
             submodels=submodel_verdicts(self.submodels),
             end_to_end=end_to_end_verdicts(self.images),
             cpu=self.cpu,
+            not_checked=tuple(self.not_checked),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -148,6 +150,8 @@ class ValidationReport:
         lines += submodel_markdown(self.submodels) + image_markdown(self.images, self.image_limits)
         if self.failures:
             lines += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]
+        if self.not_checked:
+            lines += ["", "Not checked (switched off by the recipe):", ""] + [f"- {n}" for n in self.not_checked]
         if self.inputs:
             lines += ["", "Inputs:", ""] + [f"- `{k}`: {v}" for k, v in self.inputs.items()]
         modes = sorted({c.execution for c in self.checks if c.precision != "f32"})

@@ -24,18 +24,16 @@ if TYPE_CHECKING:  # OpenVINO stays out of the report's (and --plan's) imports
 
 log = logging.getLogger(__name__)
 
-#: Submodels checked on captured pipeline inputs (the VAE has its own checks in checks.py).
-SUBMODELS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet")
-_WRAPPERS = ("model", "text_model", "unet")  # attribute optimum/our tracing wraps a module in
+#: Module-path prefixes that tracing wraps a model in (optimum's `model`, CLIP's `text_model`, the test
+#: wrapper's `unet` attribute): torch module attributes in op names, not submodel names.
+_WRAPPERS = ("model", "text_model", "unet")
 _SUBBLOCKS = ("resnets", "attentions", "upsamplers", "downsamplers")
 
 
-def fix_hint(component: str) -> str:
+def fix_hint(component: str, substitutable: bool = False) -> str:
     """What to try when `component` fails at half precision."""
-    if component == "unet":
-        return ("run the UNet at f32 on the target (components.unet.inference_precision: [f32]) "
-                "or substitute a UNet without the overflow (substitutions.unet)")
-    return f"run it at f32 on the target (components.{component}.inference_precision: [f32])"
+    hint = f"run it at f32 on the target (components.{component}.inference_precision: [f32])"
+    return hint + (f" or substitute one without the overflow (substitutions.{component})" if substitutable else "")
 
 
 def submodel_block(friendly_name: str) -> str | None:
@@ -60,8 +58,8 @@ def submodel_block(friendly_name: str) -> str | None:
         keep = 4 if len(parts) > 3 and parts[2] in _SUBBLOCKS and parts[3].isdigit() else 2
     elif parts[0] == "mid_block":
         keep = 3 if len(parts) > 2 and parts[1] in _SUBBLOCKS and parts[2].isdigit() else 1
-    elif parts[0] == "encoder" and len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-        keep = 3
+    elif parts[0] == "encoder" and len(parts) > 2 and parts[1] in ("layers", "block") and parts[2].isdigit():
+        keep = 3  # CLIP's encoder.layers.N, T5's encoder.block.N
     else:
         keep = 1
     return ".".join(parts[:keep])
@@ -154,6 +152,7 @@ def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str
     range was first left. One tapped compile, one inference per call.
     """
     from validate.host import compile_on_host
+    from validate.pieces import pieces_for, run_pieces, split
     from validate.precision import EmulatedModel, with_static_shapes
 
     if not calls:
@@ -162,8 +161,15 @@ def block_maxima(core: Any, model: Any, calls: Sequence[Call]) -> tuple[dict[str
     tapped, names = with_taps(emulated.model if emulated else model)
     extra = dict(emulated.extra_inputs) if emulated else {}
     static = with_static_shapes(tapped, calls[0].inputs)
-    request = compile_on_host(core, static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).compiled.create_infer_request()
     per_op: dict[str, float] = {}
+    parts = pieces_for(static, "f32")
+    if parts > 1:  # too big to compile whole at f32 (an fp16 UNet): the same taps, piece by piece
+        split_graph = split(static, parts)
+        for call in calls:
+            values = run_pieces(core, split_graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}, {**call.inputs, **extra})
+            fold_maxima(per_op, names, [float(v) for v in values[:len(names)]])
+        return per_block(per_op), list(per_op.items())
+    request = compile_on_host(core, static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).compiled.create_infer_request()
     for call in calls:
         request.infer({**call.inputs, **extra})
         fold_maxima(per_op, names, [float(request.get_output_tensor(i).data) for i in range(len(names))])
@@ -180,7 +186,8 @@ def first_beyond(per_op: Sequence[tuple[str, float]], limit: float = F16_MAX) ->
 
 def check_submodel(core: Any, model: Any, component: str, request: PartRequest, calls: Sequence[Call], *,
                    inputs: str, min_cosine: float, max_non_finite: int,
-                   maxima: tuple[dict[str, float], list[tuple[str, float]]] | None = None) -> SubmodelResult:
+                   maxima: tuple[dict[str, float], list[tuple[str, float]]] | None = None,
+                   substitutable: bool = False) -> SubmodelResult:
     """Replay `calls` (recorded at f32 from the same IR) through `request` and judge the outputs.
 
     At f32 the recorded outputs are the run itself (cosine 1 by definition, not re-run).
@@ -205,10 +212,10 @@ def check_submodel(core: Any, model: Any, component: str, request: PartRequest, 
             first = first_beyond(block_maxima(core, request.runnable, calls[:1])[1])
         where = _where(first, blocks)
         failures.append(f"{name}: {counts.invalid}/{counts.total} output values non-finite on {inputs} (NaN {counts.nan}, "
-                        f"inf {counts.posinf + counts.neginf}){where}; {fix_hint(component)}")
+                        f"inf {counts.posinf + counts.neginf}){where}; {fix_hint(component, substitutable)}")
     elif math.isnan(worst) or worst < min_cosine:
         failures.append(f"{name}: cosine similarity {worst:.8f} < {min_cosine:g} vs the same IR at f32 on {inputs}; "
-                        f"{fix_hint(component)}")
+                        f"{fix_hint(component, substitutable)}")
     return SubmodelResult(
         component=component, precision=mode.precision, execution=f"{'emulated' if mode.emulated else 'native'}: {mode.reason}",
         device=mode.device, inputs=inputs, calls=len(calls), counts=counts,

@@ -6,7 +6,7 @@ generator for tests, a recipe and tests; no stage changes (README "Model familie
 
 from __future__ import annotations
 
-from convert.families.base import LatentSpace, PipelineFamily, SubmodelSpec
+from convert.families.base import GateSpec, LatentSpace, PipelineFamily, SubmodelSpec
 from convert.families.sd3 import SD3
 from convert.families.sdxl import SDXL
 from convert.families.sdxl_refiner import SDXL_REFINER
@@ -39,5 +39,5 @@ def family_of_class(class_name: str) -> PipelineFamily | None:
     return next((f for f in FAMILIES.values() if f.diffusers_class == class_name), None)
 
 
-__all__ = ["FAMILIES", "LatentSpace", "PipelineFamily", "SubmodelSpec", "family_of_class", "get_family", "register",
+__all__ = ["FAMILIES", "GateSpec", "LatentSpace", "PipelineFamily", "SubmodelSpec", "family_of_class", "get_family", "register",
            "unregister"]

@@ -9,7 +9,7 @@ and tests (README "Model families").
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -71,6 +71,36 @@ class LatentSpace:
     shift_factor: float | None = None  # SD3/Flux VAEs: decoder input = latents / scaling_factor + shift_factor
 
 
+#: optimum-intel's VAE submodels and their (input, output) tensor names, the same in every family it exports.
+VAE_IO: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "vae_decoder": ("latent_sample", "sample"), "vae_encoder": ("sample", "latent_parameters")})
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What the validation gate needs to run a family's pipeline as users run it, and judge each part.
+
+    Every name the gate uses comes from here: validate/ names no submodel and no tensor itself.
+    """
+
+    #: optimum pipeline attributes that run an exported submodel, in the order the pipeline calls them
+    calls: tuple[str, ...]
+    #: text encoders whose captured calls are replayed at each target precision
+    encoders: tuple[str, ...]
+    #: the denoiser's latent input (its batch is the guidance batch): "sample" (UNet), "hidden_states" (MMDiT)
+    latent_input: str
+    #: how the family is run by default; a recipe's validation.end_to_end may override each
+    steps: int = 3
+    guidance_scale: float = 5.0
+    #: diffusers scheduler class the pipeline is run with by default (None: the bundle's own)
+    scheduler: str | None = None
+    vae_io: Mapping[str, tuple[str, str]] = field(default_factory=lambda: VAE_IO)
+
+    def checked(self, denoiser: str) -> tuple[str, ...]:
+        """Submodels replayed on calls captured from the f32 run, in call order."""
+        return tuple(p for p in self.calls if p in self.encoders or p == denoiser)
+
+
 @dataclass(frozen=True)
 class PipelineFamily:
     name: str  # the recipe's `pipeline:` value
@@ -92,6 +122,7 @@ class PipelineFamily:
     task: str = "text-to-image"  # or "image-to-image": the Hub pipeline tag, the card snippet, the denoise run
     single_file: SingleFile | None = None  # None: only diffusers-layout sources
     lora_targets: tuple[str, ...] = ()  # attributes diffusers' LoRA loader fuses into; () = no `lora` patch
+    gate: GateSpec | None = None  # None: no end-to-end run and no replayed submodels (a build error if one is asked)
 
     @property
     def weighted(self) -> tuple[str, ...]:

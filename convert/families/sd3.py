@@ -12,6 +12,7 @@ from typing import Any
 
 from convert.families.base import (
     CLIP_TOKENIZER_FILES,
+    GateSpec,
     LatentSpace,
     PipelineFamily,
     SubmodelSpec,
@@ -83,4 +84,8 @@ SD3 = PipelineFamily(
     latents=LatentSpace(channels=16, scaling_factor=1.5305, shift_factor=0.0609),
     tags=("stable-diffusion-3",),
     optional=("text_encoder_3", "tokenizer_3"),
+    # SD3.5 Medium/Large model cards: 40 steps at guidance 4.5; the gate samples 3 steps of that run
+    gate=GateSpec(calls=("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
+                  encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), latent_input="hidden_states",
+                  steps=3, guidance_scale=4.5),
 )

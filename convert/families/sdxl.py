@@ -12,6 +12,7 @@ from typing import Any
 from convert.families.base import (
     CLIP_TOKENIZER_FILES,
     Config,
+    GateSpec,
     LatentSpace,
     PipelineFamily,
     Shapes,
@@ -119,6 +120,8 @@ SDXL = PipelineFamily(
     }),
     tokenizer_files=CLIP_TOKENIZER_FILES,
     latents=LatentSpace(channels=4, scaling_factor=0.13025),
+    gate=GateSpec(calls=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+                  encoders=("text_encoder", "text_encoder_2"), latent_input="sample", steps=3, guidance_scale=5.0),
     tags=("stable-diffusion-xl",),
     pipeline_options=_pipeline_options,
     single_file=SingleFile(is_sdxl_base, SDXL_BASE_REPO, SDXL_BASE_COMMIT),

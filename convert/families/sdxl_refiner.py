@@ -43,4 +43,7 @@ SDXL_REFINER = dataclasses.replace(
     task="image-to-image",
     single_file=SingleFile(is_sdxl_refiner, SDXL_REFINER_REPO, SDXL_REFINER_COMMIT),
     lora_targets=("unet", "text_encoder_2"),
+    # img2img: the input image goes through the VAE encoder before the UNet runs
+    gate=dataclasses.replace(SDXL.gate, calls=("text_encoder_2", "vae_encoder", "unet", "vae_decoder"),
+                             encoders=("text_encoder_2",)),
 )
