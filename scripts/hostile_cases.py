@@ -27,7 +27,7 @@ BASE = SRC / "tiny-sdxl-base"
 OFF = "{export: false}"
 CHEAP = ("components:\n" + "".join(f"  {c}: {OFF}\n" for c in ("text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))
          + "  vae_decoder: {weights: fp16}\ntarget: {device: CPU, inference_precision: [f32]}\n"
-         "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}\n")
+         "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder], end_to_end: {prompts: []}}\n")
 
 def tree(root, skip):
     out = {}

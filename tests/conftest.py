@@ -144,14 +144,6 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
 
 
-#: Each registered family's tiny recipe (offline generator, whole gate): built once per pytest session.
-TINY_RECIPES = {
-    "stable-diffusion-xl": "tiny-sdxl-fp16fix",
-    "stable-diffusion-xl-refiner": "tiny-sdxl-refiner",
-    "stable-diffusion-3": "tiny-sd35-medium",
-}
-
-
 @pytest.fixture(scope="session")
 def family_build(artifacts_root: Path):  # -> Callable[[str], convert.build.BuildResult]
     """`family_build(name)`: the family's tiny recipe built once per session (a dozen full tiny builds
@@ -159,6 +151,10 @@ def family_build(artifacts_root: Path):  # -> Callable[[str], convert.build.Buil
     from convert.build import build
     from convert.workspace import PROJECT_ROOT, Workspace
 
+    try:
+        from .tiny_recipes import TINY_RECIPES
+    except ImportError:
+        from tiny_recipes import TINY_RECIPES  # type: ignore[no-redef]
     built: dict[str, object] = {}
 
     def get(family: str):  # type: ignore[no-untyped-def]

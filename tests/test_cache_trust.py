@@ -28,7 +28,7 @@ def _recipe(folder: Path, tiny_sources: dict[str, Path]) -> Path:
                             "text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))
                         + "  vae_decoder: {weights: fp16}\n"
                         "target: {device: CPU, inference_precision: [f32]}\n"
-                        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}\n")
+                        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder], end_to_end: {prompts: []}}\n")
 
 
 def _build(recipe: Path, artifacts: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]

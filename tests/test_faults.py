@@ -428,7 +428,7 @@ def test_openvino_error_in_the_validation_stage_exit_6(tmp_path: Path, tiny_sour
                             "text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))
                         + "  vae_decoder: {weights: fp16, runtime_options: {KV_CACHE_PRECISION: bogus}}\n"
                         "target: {device: CPU, inference_precision: [f32]}\n"
-                        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}\n")
+                        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder], end_to_end: {prompts: []}}\n")
     art = tmp_path / "art"
     assert main(["--artifacts", str(art), "convert", str(path)]) == 6
     line = one_error_line(capsys)

@@ -274,7 +274,7 @@ def test_rebuild_over_a_published_build_json_without_a_commit_rebuilds_through_t
         "components:\n" + "".join(f"  {c}: {off}\n" for c in (
             "text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))
         + "  vae_decoder: {weights: fp16}\ntarget: {device: CPU, inference_precision: [f32]}\n"
-        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}\n"
+        "validation: {resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder], end_to_end: {prompts: []}}\n"
         f"publish: {{repo: {new_repo_id}}}\n")
     with nothing_changes_outside(tmp_path, tmp_path / "art", tmp_path / "hf-cache"):  # the Hub cache: conftest's
         code = cli_main(["--json", "--artifacts", str(tmp_path / "art"), "rebuild", str(recipe)])

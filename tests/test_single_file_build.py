@@ -121,7 +121,7 @@ def test_without_vae_substitution_the_checkpoint_fails_the_fp16_gate(artifacts: 
             "  vae_decoder: {weights: fp16}\n  vae_encoder: {weights: fp16}\n"
             "target: {inference_precision: [f16]}\n"
             "validation: {components: [vae_decoder, vae_encoder], resolution: 64, small_resolution: 32, "
-            "denoise_steps: 0, check_original: false}\n")
+            "denoise_steps: 0, check_original: false, end_to_end: {prompts: []}}\n")
     path = write_recipe(tmp_path, "baked-vae", body)
     assert main(["--artifacts", str(artifacts), "convert", str(path)]) == 6
     err = capsys.readouterr().err
