@@ -45,7 +45,7 @@ components:
   unet: {{weights: fp16}}
   tokenizer_2: {{export: false}}
 target: {{device: CPU, inference_precision: [f32]}}
-validation: {{resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder], end_to_end: {prompts: []}}}
+validation: {{resolution: 64, small_resolution: 32, denoise_steps: 0, components: [vae_decoder]}}
 """)
     result = build(recipe, Workspace(artifacts=artifacts_root))
     assert verify(result.bundle) == []
