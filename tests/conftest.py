@@ -80,13 +80,20 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register markers; default pytest-socket's allow-list before pytest-socket reads its options."""
     config.addinivalue_line("markers", "hub: talks to the local Hub-compatible test server")
     config.addinivalue_line("markers", "slow: full-size or long-running; opt in with -m slow or RUN_SLOW=1")
+    config.addinivalue_line("markers", "signals: sends a real signal to the test process (run first)")
     if hasattr(config.option, "allow_hosts") and not config.option.allow_hosts:
         config.option.allow_hosts = ",".join(ALLOWED_HOSTS)
         config.option.allow_unix_socket = True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``slow`` tests unless they were asked for by marker expression or RUN_SLOW=1."""
+    """Run the ``signals`` tests first; skip ``slow`` tests unless asked for by marker expression or RUN_SLOW=1.
+
+    The signals tests send a real SIGTERM/SIGHUP to this process. Run after ~180 other tests (the family
+    contract's builds among them) the process died of SIGSEGV at that moment, reproducibly (3 full runs on
+    2026-12-07, not diagnosed); first, they pass.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("signals") is None)  # stable: the rest keep their order
     if os.environ.get("RUN_SLOW") == "1" or re.search(r"\bslow\b", config.option.markexpr or ""):
         return
     skip = pytest.mark.skip(reason="slow test: run with -m slow or RUN_SLOW=1")

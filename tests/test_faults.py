@@ -602,6 +602,7 @@ def test_malformed_keep_free_reserve_is_a_usage_error(tmp_path: Path, capsys: py
     assert_nothing_written(tmp_path / "art", "reserve-typo")
 
 
+@pytest.mark.signals
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_termination_signals_end_cleanly_with_a_json_document(signum: int, code: int, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str],
