@@ -78,6 +78,13 @@ SDXL_UNET = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
       "conditioner.embedders.1.model.positional_embedding": (77, 1280)}, "stable-diffusion-xl"),
     ({**SDXL_UNET, "conditioner.embedders.0.model.text_projection": (1280, 1280)}, "stable-diffusion-xl-refiner"),
     ({"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768)}, "an SD 1.x"),
+    ({"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "stable-diffusion-v1"),
+    ({"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),  # inpainting
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "an SD 1.x"),
+    ({"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),  # LCM-distilled
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+      "model.diffusion_model.time_embed.cond_proj.weight": (1280, 256)}, "an SD 1.x"),
     ({"cond_stage_model.model.token_embedding.weight": (49408, 1024)}, "an SD 2.x"),
     ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,)}, "an SD3 / SD3.5"),
     ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "a FLUX"),

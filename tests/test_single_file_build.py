@@ -205,7 +205,7 @@ def test_bad_community_inputs(case: str, artifacts: Path, tmp_path: Path, capsys
     code = main(["--artifacts", str(artifacts), "convert", str(path)])
     line = one_error_line(capsys)
     expected = {
-        "other-family": (4, "base: model.safetensors is an SD 1.x checkpoint, not a stable-diffusion-xl one"),
+        "other-family": (4, "base: model.safetensors is a stable-diffusion-v1 checkpoint, not a stable-diffusion-xl one"),
         "truncated": (3, "is not a valid safetensors file"),
         "ckpt": (2, "'model.ckpt' is a pickle checkpoint (loading it runs code); refusing it"),
         "lora-other-arch": (4, "lora.0: 120 of 136 LoRA layers of other.safetensors matched the unet"),

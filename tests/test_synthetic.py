@@ -379,6 +379,10 @@ def test_registry_lists_the_documented_generators() -> None:
         "tiny-sdxl-lora",
         "sdxl-base-shapes-single-file",
         "sdxl-shapes-lora",
+        "tiny-sd15",
+        "tiny-sd15-lcm",
+        "tiny-sd15-single-file",
+        "tiny-sd15-config",
     }
 
 

@@ -8,4 +8,6 @@ TINY_RECIPES = {
     "stable-diffusion-xl": "tiny-sdxl-fp16fix",
     "stable-diffusion-xl-refiner": "tiny-sdxl-refiner",
     "stable-diffusion-3": "tiny-sd35-medium",
+    "stable-diffusion-v1": "tiny-sd15",
+    "latent-consistency-model": "tiny-sd15-lcm",
 }

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from convert.families.base import GateSpec, LatentSpace, PipelineFamily, SubmodelSpec
 from convert.families.sd3 import SD3
+from convert.families.sd15 import SD15, SD15_LCM
 from convert.families.sdxl import SDXL
 from convert.families.sdxl_refiner import SDXL_REFINER
 
-FAMILIES: dict[str, PipelineFamily] = {family.name: family for family in (SDXL, SDXL_REFINER, SD3)}
+FAMILIES: dict[str, PipelineFamily] = {family.name: family for family in (SDXL, SDXL_REFINER, SD3, SD15, SD15_LCM)}
 
 
 def get_family(name: str) -> PipelineFamily:

@@ -94,6 +94,9 @@ class GateSpec:
     guidance_scale: float = 5.0
     #: diffusers scheduler class the pipeline is run with by default (None: the bundle's own)
     scheduler: str | None = None
+    #: guidance > 1 doubles the denoiser's batch (classifier-free guidance); False: the pipeline embeds the
+    #: guidance scale as a denoiser input instead (LCM), and the batch stays 1
+    cfg: bool = True
     vae_io: Mapping[str, tuple[str, str]] = field(default_factory=lambda: VAE_IO)
 
     def checked(self, denoiser: str) -> tuple[str, ...]:

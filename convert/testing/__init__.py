@@ -40,6 +40,10 @@ _GENERATORS: Mapping[str, tuple[str, str, tuple[str, ...]]] = MappingProxyType({
     "sdxl-base-shapes-single-file": ("convert.testing.single_file", "sdxl_base_shapes_single_file",
                                      ("single_file.py", "sdxl.py")),
     "sdxl-shapes-lora": ("convert.testing.single_file", "sdxl_shapes_lora", ("single_file.py", "sdxl.py")),
+    "tiny-sd15": ("convert.testing.sd15", "tiny_sd15", ("sd15.py", "sdxl.py")),
+    "tiny-sd15-lcm": ("convert.testing.sd15", "tiny_sd15_lcm", ("sd15.py", "sdxl.py")),
+    "tiny-sd15-single-file": ("convert.testing.sd15", "tiny_sd15_single_file", ("sd15.py", "sdxl.py", "single_file.py")),
+    "tiny-sd15-config": ("convert.testing.sd15", "tiny_sd15_config", ("sd15.py", "sdxl.py", "single_file.py")),
 })  # fmt: skip
 
 GENERATORS: tuple[str, ...] = tuple(_GENERATORS)
