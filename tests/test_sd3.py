@@ -1,6 +1,7 @@
-"""The second family end to end: a tiny SD3.5-Medium-shaped pipeline, generated offline, builds,
-passes the f16 gate with its own VAE, loads and generates in both runtimes, and its submodels
-match optimum-intel's SD3 export."""
+"""SD3.5 beyond the family contract (tests/test_family_contract.py: build, gate, both runtimes): what is
+SD3's own. Its VAE passes the f16 gate unpatched, T5 carries optimum's activation scale, its
+submodels match optimum-intel's SD3 export, it builds without T5, and a transformer made to
+overflow f16 fails the build naming its block."""
 
 from __future__ import annotations
 
@@ -62,23 +63,6 @@ def test_t5_carries_optimums_activation_scale(sd3_build: BuildResult) -> None:
     assert model.get_rt_info()["runtime_options"]["ACTIVATIONS_SCALE_FACTOR"].astype(str) == "8.0"
     assert [c for c in sd3_build.components if c.name == "text_encoder_3"][0].runtime_options == {
         "ACTIVATIONS_SCALE_FACTOR": "8.0"}
-
-
-def test_optimum_intel_generates(sd3_build: BuildResult) -> None:
-    from optimum.intel import OVStableDiffusion3Pipeline
-
-    pipe = OVStableDiffusion3Pipeline.from_pretrained(sd3_build.bundle, device="CPU")
-    images = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
-                  generator=np.random.RandomState(0)).images
-    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
-
-
-def test_openvino_genai_generates(sd3_build: BuildResult) -> None:
-    import openvino_genai
-
-    pipe = openvino_genai.Text2ImagePipeline(str(sd3_build.bundle), "CPU")
-    image = np.array(pipe.generate("a photo of a cat", width=64, height=64, num_inference_steps=2).data)
-    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8 and image.std() > 0
 
 
 def test_sdxl_component_names_are_refused_in_an_sd3_recipe(tmp_path: Path) -> None:
@@ -183,3 +167,48 @@ validation: {{resolution: 64, small_resolution: 32, denoise_steps: 1, components
     images = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
                   generator=np.random.RandomState(0)).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+OVERFLOW_RECIPE = """schema_version: 1
+name: tiny-sd35-overflow
+pipeline: stable-diffusion-3
+base: {generated: {generator: tiny-sd35-medium, seed: 0}}
+substitutions:
+  transformer: {source: {generated: {generator: tiny-sd35-transformer-fp16-overflow, seed: 0}}}
+components:
+  text_encoder_3: {weights: int8, nncf: {mode: int8_asym}}
+  transformer: {weights: fp16}
+target: {device: GPU, inference_precision: [f16, f32]}
+validation:
+  resolution: 64
+  small_resolution: 32
+  denoise_steps: 1
+  components: [transformer, vae_decoder]
+  end_to_end: {prompts: [a photo of a cat]}
+"""
+
+
+def test_an_overflowing_transformer_fails_the_build_naming_its_block(artifacts_root: Path, tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from convert.cli import main
+    from convert.testing.sd3 import TRANSFORMER_OVERFLOW_BLOCK
+
+    recipe = tmp_path / "tiny-sd35-overflow.yaml"
+    recipe.write_text(OVERFLOW_RECIPE)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["--artifacts", str(artifacts_root), "--json", "convert", str(recipe)])
+    payload = json.loads(out.getvalue().strip().splitlines()[-1])  # NNCF prints its int8 table to stdout first
+    failures = payload.get("failures", [])
+    transformer = [f for f in failures if f.startswith("transformer ")]
+    assert code == 6 and len(transformer) == 1, failures
+    assert transformer[0].startswith("transformer f16: ") and "output values non-finite" in transformer[0]
+    assert f"first overflow in block {TRANSFORMER_OVERFLOW_BLOCK} (max |activation|" in transformer[0]
+    moved = Path(payload["moved_to"])
+    report = json.loads((moved / "validation" / "report.json").read_text())
+    rows = {r["precision"]: r for r in report["submodels"] if r["component"] == "transformer"}
+    assert rows["f16"]["first_overflow"] == TRANSFORMER_OVERFLOW_BLOCK and rows["f16"]["invalid"] > 0
+    assert rows["f32"]["passed"] and rows["f32"]["invalid"] == 0  # the overflow is invisible at f32
+    assert [i["passed"] for i in report["end_to_end"]["images"]] == [False]
+    assert not (artifacts_root / "tiny-sd35-overflow").exists()

@@ -75,7 +75,10 @@ class ValidationReport:
         lines = [f for c in self.gating_checks for f in c.failures]
         lines += [f for r in self.submodels for f in r.failures]
         lines += [f for r in self.images if r.gating for f in r.failures]
-        if not self.gating_checks:
+        if not self.gating_checks and (self.submodels or any(r.gating for r in self.images)):
+            lines.append("no VAE check ran, and a bundle passes only with one: list the VAE's parts in "
+                         "validation.components")
+        elif not self.gating_checks:
             lines.append("no validation check ran; enable validation.components in the recipe")
         return lines
 

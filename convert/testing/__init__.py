@@ -30,6 +30,8 @@ _GENERATORS: Mapping[str, tuple[str, str, tuple[str, ...]]] = MappingProxyType({
     "sdxl-vae-shapes": ("convert.testing.sdxl", "sdxl_vae_shapes", ("sdxl.py",)),
     "sdxl-vae-shapes-fp16-fix": ("convert.testing.sdxl", "sdxl_vae_shapes_fp16_fix", ("sdxl.py", "../rescale.py")),
     "tiny-sd35-medium": ("convert.testing.sd3", "tiny_sd35_medium", ("sd3.py", "sdxl.py")),
+    "tiny-sd35-transformer-fp16-overflow": ("convert.testing.sd3", "tiny_sd35_transformer_fp16_overflow",
+                                            ("sd3.py", "sdxl.py", "../rescale.py")),
     "tiny-sdxl-refiner": ("convert.testing.sdxl_refiner", "tiny_sdxl_refiner", ("sdxl_refiner.py", "sdxl.py")),
     "tiny-sdxl-unet": ("convert.testing.sdxl", "tiny_sdxl_unet", ("sdxl.py",)),
     "tiny-sdxl-unet-fp16-overflow": ("convert.testing.sdxl", "tiny_sdxl_unet_fp16_overflow", ("sdxl.py",)),

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from convert.testing.sdxl import _MAX_LENGTH, _seeded, build_tokenizers, write_pipeline
+from convert.rescale import scale_layer_
+from convert.testing.sdxl import _MAX_LENGTH, _seeded, _write_model, build_tokenizers, write_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -88,12 +89,16 @@ def _vae(seed: int) -> Any:
     return _seeded(lambda: AutoencoderKL(**config), "vae", seed, torch.float32)
 
 
-def build_tiny_sd35_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """A few-MB SD3.5-Medium-shaped pipeline (f32, 64x64 native), all three text encoders."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def build_tiny_transformer(seed: int = 0, *, overflow: bool = False) -> Any:
+    """The tiny pipeline's MMDiT-X transformer (seeded), optionally with an f16 overflow built in.
 
-    tokenizer, tokenizer_2 = build_tokenizers()
-    tokenizer_3 = build_t5_tokenizer()
+    The overflow: `TRANSFORMER_OVERFLOW_BLOCK`'s query projection scaled by 2**18. Its output
+    feeds only the RMS q-norm, which divides the scale out (f32 output unchanged up to the norm's
+    eps), while at f16 the scaled queries (~2**18) are inf and the norm makes them NaN: a
+    fine-tune whose attention logits grew out of f16's range.
+    """
+    from diffusers import SD3Transformer2DModel
+
     te, te2, t5 = _TINY["text_encoder"], _TINY["text_encoder_2"], _TINY["t5"]
     transformer = _seeded(lambda: SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
@@ -101,6 +106,25 @@ def build_tiny_sd35_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         pooled_projection_dim=te["projection_dim"] + te2["projection_dim"], pos_embed_max_size=16,
         dual_attention_layers=(0,), qk_norm="rms_norm",
     ), "transformer", seed, torch.float32)  # fmt: skip
+    if overflow:
+        with torch.no_grad():
+            scale_layer_(transformer.get_submodule(TRANSFORMER_OVERFLOW_BLOCK).attn.to_q, _TRANSFORMER_OVERFLOW_GAIN)
+    return transformer
+
+
+#: the transformer block whose queries overflow f16 in `build_tiny_transformer(overflow=True)`, and by how much
+TRANSFORMER_OVERFLOW_BLOCK = "transformer_blocks.1"
+_TRANSFORMER_OVERFLOW_GAIN = 2.0**18
+
+
+def build_tiny_sd35_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A few-MB SD3.5-Medium-shaped pipeline (f32, 64x64 native), all three text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = build_tokenizers()
+    tokenizer_3 = build_t5_tokenizer()
+    te, te2 = _TINY["text_encoder"], _TINY["text_encoder_2"]
+    transformer = build_tiny_transformer(seed)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULER), vae=_vae(seed),
         text_encoder=_clip(te, tokenizer, "text_encoder", seed), tokenizer=tokenizer,
@@ -111,3 +135,8 @@ def build_tiny_sd35_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
 
 def tiny_sd35_medium(out_dir: Path, seed: int) -> Path:
     return write_pipeline(build_tiny_sd35_pipeline(seed), out_dir)  # type: ignore[arg-type]
+
+
+def tiny_sd35_transformer_fp16_overflow(out_dir: Path, seed: int) -> Path:
+    """The tiny SD3.5 transformer with its f16 overflow, alone (for `substitutions.transformer`)."""
+    return _write_model(build_tiny_transformer(seed, overflow=True), out_dir, "transformer")
