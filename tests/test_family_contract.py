@@ -103,3 +103,35 @@ def test_openvino_genai_generates(family_build, name: str) -> None:  # type: ign
     del pipe  # its worker threads must not outlive the test: test_faults signals this process later
     gc.collect()
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8 and image.std() > 0
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("name", NAMES)
+def test_a_rebuild_against_the_local_hub_publishes_from_the_cache_then_skips(
+        family_build, artifacts_root: Path, hub_server, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """`rebuild` needs a `publish:` section, which the tiny recipes leave out (a scheduled `rebuild --all` must
+    not publish them): a copy with one. Its end-to-end run is switched off (the gate of this family's
+    run is the session build's, asserted above): what is checked here is the rebuild path per family,
+    exports all from the component cache the session build filled, publish, tag, then a skip."""
+    from huggingface_hub import HfApi
+
+    from convert.rebuild import rebuild_one
+    from convert.workspace import Workspace
+
+    family = FAMILIES[name]
+    family_build(name)  # fills the component cache
+    repo = f"{DEFAULT_USER}/contract-rebuild-{TINY_RECIPES[name]}-{uuid.uuid4().hex[:8]}"
+    text = (PROJECT_ROOT / "recipes" / f"{TINY_RECIPES[name]}.yaml").read_text()
+    recipe = tmp_path / f"{TINY_RECIPES[name]}.yaml"
+    recipe.write_text(f"{text}\npublish: {{repo: {repo}, private: true}}\n"
+                      .replace("validation:\n", "validation:\n  end_to_end: {prompts: []}\n", 1))
+    workspace = Workspace(artifacts=artifacts_root)
+    first = rebuild_one(recipe, workspace)
+    assert first.status == "rebuilt", first.message
+    assert set(family.weighted) <= set(first.reused_components), first.reused_components
+    assert not set(family.weighted) & set(first.exported_components), first.exported_components
+    assert first.tag == f"build-{first.build_id}"
+    api = HfApi(endpoint=hub_server.url)
+    assert f"{family.denoiser}/openvino_model.xml" in api.list_repo_files(repo)
+    again = rebuild_one(recipe, workspace)
+    assert again.status == "skipped" and again.build_id == first.build_id, again.message
