@@ -38,7 +38,8 @@ def write_recipe(folder: Path, name: str, body: str) -> Path:
 def local_recipe(folder: Path, name: str, tiny_sources: dict[str, Path]) -> Path:
     """The tiny pipeline from local folders: no generation, cheap to resolve and fetch."""
     return write_recipe(folder, name, f"base: {{local: {{path: {tiny_sources['tiny-sdxl-base']}}}}}\n"
-                        f"substitutions:\n  vae: {{source: {{local: {{path: {tiny_sources['tiny-sdxl-vae-fp16-fix']}}}}}}}\n")
+                        f"substitutions:\n  vae: {{source: {{local: {{path: {tiny_sources['tiny-sdxl-vae-fp16-fix']}}}}}}}\n"
+                        "validation: {end_to_end: {prompts: []}}\n")  # faults, disks, locks: not the run
 
 
 def error_lines(err: str) -> list[str]:

@@ -95,7 +95,8 @@ components:
   vae_decoder: {{weights: fp16}}
   vae_encoder: {{weights: fp16}}
 target: {{device: GPU, inference_precision: [f16]}}
-validation: {{resolution: 64, small_resolution: 32, denoise_steps: 0, images: [astronaut], check_original: false}}
+validation: {{resolution: 64, small_resolution: 32, denoise_steps: 0, images: [astronaut], check_original: false,
+             end_to_end: {{prompts: []}}}}  # publishing and rebuilding: the family contract gates the run
 publish: {{repo: {publish_repo}, private: true, tags: [tiny, test]}}
 """
 
