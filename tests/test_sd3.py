@@ -157,7 +157,8 @@ pipeline: stable-diffusion-3
 base: {{local: {{path: {base}}}}}
 components: {{text_encoder_3: {{weights: int8}}}}
 target: {{device: CPU, inference_precision: [f32]}}
-validation: {{resolution: 64, small_resolution: 32, denoise_steps: 1, components: [vae_decoder]}}
+validation: {{resolution: 64, small_resolution: 32, denoise_steps: 1, components: [vae_decoder],
+             end_to_end: {{prompts: []}}}}
 """)
     result = build(recipe, Workspace(artifacts=tmp_path / "artifacts"))
     names = [c.name for c in result.components]
