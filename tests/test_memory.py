@@ -75,3 +75,31 @@ def test_a_released_request_compiles_again_with_the_same_result() -> None:
     again = request.run(inputs)
     assert list(first) == list(again)
     np.testing.assert_array_equal(next(iter(again.values())), inputs["x"] * 3)
+
+
+class _Part:
+    """What `OneAtATime` reads of a part: its size class, and a release that is counted."""
+
+    def __init__(self, small: bool) -> None:
+        self.small, self.released = small, 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def test_one_at_a_time_keeps_tiny_parts_together_and_real_ones_alone() -> None:
+    from validate.pipeline_run import SMALL_PART_BYTES, OneAtATime
+
+    assert SMALL_PART_BYTES < 200 * 2**20  # the smallest real part (an SD 1.x VAE decoder at f32) takes its turn
+    turns = OneAtATime()
+    text, unet, vae = _Part(True), _Part(True), _Part(True)
+    for part in (text, unet, vae, text, unet):  # a tiny pipeline called prompt after prompt: nothing recompiles
+        turns.take(part)  # type: ignore[arg-type]
+    assert [p.released for p in (text, unet, vae)] == [0, 0, 0]
+    big = _Part(False)
+    turns.take(big)  # type: ignore[arg-type]
+    assert [p.released for p in (text, unet, vae)] == [1, 1, 1] and turns.holders == [big]
+    turns.take(text)  # type: ignore[arg-type]
+    assert big.released == 1 and turns.holders == [text]
+    turns.release()
+    assert text.released == 2 and turns.holders == []
