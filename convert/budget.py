@@ -327,7 +327,7 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
     native = _native_resolution(resolution, workspace, guessed)
     vae_resolution = v.resolution or native
     pipeline_resolution = (e2e.resolution or v.resolution or native) if e2e.prompts else None
-    batch = 2 if recipe.run_guidance() > 1 else 1
+    batch = recipe.guidance_batch()
     vae_checked = any(p.startswith("vae_") and p in weights for p in recipe.gated_components())
     memory, phase = estimate_memory(params, weights, denoiser=family.denoiser, vae_resolution=vae_resolution,
                                     pipeline_resolution=pipeline_resolution, guidance_batch=batch,

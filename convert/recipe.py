@@ -550,6 +550,12 @@ class Recipe(_Strict):
         scale = self.validation.end_to_end.guidance_scale
         return scale if scale is not None else (self.family.gate.guidance_scale if self.family.gate else 5.0)
 
+    def guidance_batch(self) -> int:
+        """The denoiser's batch in those runs: 2 under classifier-free guidance (scale > 1), else 1; always 1
+        where the family embeds the guidance scale instead (LCM)."""
+        cfg = self.family.gate.cfg if self.family.gate else True
+        return 2 if cfg and self.run_guidance() > 1 else 1
+
     def exported_components(self) -> list[str]:
         return [c for c in self.family.components if self.settings_for(c).export]
 

@@ -15,7 +15,7 @@ def describe_pipeline_checks(recipe: Recipe) -> list[str]:
     side = e2e.resolution or v.resolution
     size = f"{side}x{side}" if side else "native resolution"
     steps, guidance = recipe.run_steps(), recipe.run_guidance()
-    batch = 2 if guidance > 1 and (family.gate is None or family.gate.cfg) else 1
+    batch = recipe.guidance_batch()
     run = f"{len(e2e.prompts)} prompt(s), {steps} steps at {size}, guidance {guidance:g}"
     lines = []
     for part in checked:
