@@ -381,10 +381,20 @@ def _stage(name: str, timings: StageTimes, workspace: Workspace, error: type[Con
 
 
 def peak_rss_gib() -> float:
-    """This process's largest RSS so far (export and validation run in it; ru_maxrss is in KiB on Linux)."""
+    """This process's largest RSS so far (export and validation run in it).
+
+    VmHWM, the peak of this process's own memory map: ru_maxrss also carries the peak of the
+    process that started it across exec (a convert started by a test process of a few GiB
+    reported that as its own peak). ru_maxrss (KiB on Linux) where /proc is not there.
+    """
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class StageTimes(dict[str, float]):

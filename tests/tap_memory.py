@@ -4,21 +4,25 @@ Run as `python tests/tap_memory.py IR_XML SIDE MODE`, MODE one of plain, maxima 
 checks' `activation_maxima`), blocks (the UNet gate's `submodels.block_maxima`), appended
 (taps placed after the model's outputs: the layout that kept every tapped tensor alive).
 Prints one JSON line: the growth of the peak RSS over the RSS before the compile, in MiB.
-A process of its own, because ru_maxrss only ever grows.
+A process of its own, because a peak only ever grows. The peak is this process's VmHWM, not
+ru_maxrss: Linux carries the parent's peak RSS across exec into ru_maxrss, so a child of a
+pytest process grown to a few GiB measured a growth of 0 for every mode.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The high-water RSS of this process's own memory map (kB in /proc/self/status), in MiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def main(xml: str, side: int, mode: str) -> None:
