@@ -3,7 +3,8 @@
 Run under an AVX2-only CPU: `ONEDNN_MAX_CPU_ISA=AVX2` (OpenVINO's JIT limited to AVX2 code, any
 x86-64 host, seconds) or `qemu-x86_64 -cpu Haswell` (a real AVX2 CPU as CPUID reports it, minutes).
 Imports no torch: the parent hands over the IR and the inputs. Writes outputs and facts to argv[3].
-Usage: python tests/avx2_compile.py UNET.xml INPUTS.npz OUT.npz [--quick]
+Usage: python tests/avx2_compile.py UNET.xml INPUTS.npz OUT.npz [--quick] [--f32]
+(--f32: compile at the f32 hint instead, as the gate's reference run does; for int8-weight IRs)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class _Count(logging.Handler):
         self.retries += "unfused NaN guards" in record.getMessage()
 
 
-def main(ir: str, inputs_npz: str, out: str, quick: bool) -> None:
+def main(ir: str, inputs_npz: str, out: str, quick: bool, f32: bool = False) -> None:
     counter = _Count()
     logging.getLogger("validate.host").addHandler(counter)
     logging.getLogger("validate.host").setLevel(logging.INFO)
@@ -44,7 +45,10 @@ def main(ir: str, inputs_npz: str, out: str, quick: bool) -> None:
     inputs = dict(np.load(inputs_npz))
     facts: dict[str, object] = {"isa": cpu_isa().describe()}
     emulated = emulate(model, "f16")
-    if quick:  # one compile (minutes under qemu): the gate's path, which tells whether the fused form failed
+    if f32:  # the gate's f32 reference path (the IR as it is, explicit f32 hint, static shapes)
+        runner = compile_for(core, model, ExecutionMode("f32", "CPU", False, "test"), inputs)
+        output = next(iter(runner(inputs).values()))
+    elif quick:  # one compile (minutes under qemu): the gate's path, which tells whether the fused form failed
         host = compile_on_host(core, with_static_shapes(emulated.model, inputs), "CPU", F32)
         facts["fallback"] = host.fallback
         output = next(iter(Runner(host.compiled, emulated.extra_inputs)(inputs).values()))
@@ -64,4 +68,4 @@ def main(ir: str, inputs_npz: str, out: str, quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], "--quick" in sys.argv[4:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], "--quick" in sys.argv[4:], "--f32" in sys.argv[4:])
