@@ -206,6 +206,28 @@ def as_is(model: Any, _pipeline: Any) -> Any:
     return model
 
 
+def with_export_model_type(model: Any, _pipeline: Any) -> Any:
+    """optimum's exporter model type on the config (UNets and CLIP towers of SD 1.x/SDXL pipelines)."""
+    from convert.optimum_compat import diffusers_submodel_type
+
+    model.config.export_model_type = diffusers_submodel_type(model)
+    return model
+
+
+def prepare_unet(tokenizer: str, text_encoder: str) -> Prepare:
+    """The config fields optimum adds before exporting a UNet (they shape its inputs): the prompt length of
+    `tokenizer`, the projection width of `text_encoder` (SDXL: the second pair; SD 1.x: the only one)."""
+
+    def prepare(model: Any, pipeline: Any) -> Any:
+        model.config.model_max_length = getattr(getattr(pipeline, tokenizer), "model_max_length", None)
+        model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
+        model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
+        model.config.text_encoder_projection_dim = getattr(pipeline, text_encoder).config.projection_dim
+        return with_export_model_type(model, pipeline)
+
+    return prepare
+
+
 # ----------------------------------------------------------------------------- fit checks (pure)
 
 
@@ -275,6 +297,6 @@ def frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
 __all__ = [
     "CLIP_TOKENIZER_FILES", "CONFIG_FILES", "Config", "FitCheck", "LatentSpace", "PipelineFamily", "Prepare",
     "Shapes", "SingleFile", "load_with_diffusers",
-    "SubmodelSpec", "as_is", "frozen", "no_runtime_options", "prepare_clip_hidden_states",
-    "prepare_vae_decoder", "prepare_vae_encoder", "require", "same_config", "vae_fit",
+    "SubmodelSpec", "as_is", "frozen", "no_runtime_options", "prepare_clip_hidden_states", "prepare_unet",
+    "prepare_vae_decoder", "prepare_vae_encoder", "require", "same_config", "vae_fit", "with_export_model_type",
 ]  # fmt: skip

@@ -25,10 +25,12 @@ from convert.families.base import (
     SingleFile,
     SubmodelSpec,
     frozen,
+    prepare_unet,
     prepare_vae_decoder,
     prepare_vae_encoder,
     same_config,
     vae_fit,
+    with_export_model_type,
 )
 
 #: what optimum-intel writes for the VAE of a v-prediction SD pipeline (SD 2.x)
@@ -37,25 +39,6 @@ V_PREDICTION_VAE_SCALE_FACTOR = "8.0"
 SD15_REPO, SD15_COMMIT = "stable-diffusion-v1-5/stable-diffusion-v1-5", "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 #: diffusers components of an SD 1.x repo the bundle does not carry (optimum and openvino-genai run without them)
 _NO_SAFETY_CHECKER: dict[str, Any] = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-
-def _prepare_text_encoder(model: Any, _pipeline: Any) -> Any:
-    from convert.optimum_compat import diffusers_submodel_type
-
-    model.config.export_model_type = diffusers_submodel_type(model)
-    return model
-
-
-def _prepare_unet(model: Any, pipeline: Any) -> Any:
-    """The config fields optimum adds before exporting an SD 1.x / LCM UNet (they shape its inputs)."""
-    from convert.optimum_compat import diffusers_submodel_type
-
-    model.config.model_max_length = getattr(pipeline.tokenizer, "model_max_length", None)
-    model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
-    model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
-    model.config.text_encoder_projection_dim = pipeline.text_encoder.config.projection_dim
-    model.config.export_model_type = diffusers_submodel_type(model)
-    return model
 
 
 def _vae_runtime_options(pipeline: Any) -> dict[str, str]:
@@ -94,8 +77,8 @@ SD15 = PipelineFamily(
     optimum_class="OVStableDiffusionPipeline",
     genai_class="Text2ImagePipeline",
     submodels=(
-        SubmodelSpec("text_encoder", "text_encoder", "feature-extraction", None, _prepare_text_encoder),
-        SubmodelSpec("unet", "unet", "semantic-segmentation", None, _prepare_unet),
+        SubmodelSpec("text_encoder", "text_encoder", "feature-extraction", None, with_export_model_type),
+        SubmodelSpec("unet", "unet", "semantic-segmentation", None, prepare_unet("tokenizer", "text_encoder")),
         SubmodelSpec("vae_decoder", "vae", "semantic-segmentation", "vae-decoder", prepare_vae_decoder,
                      _vae_runtime_options),
         SubmodelSpec("vae_encoder", "vae", "semantic-segmentation", "vae-encoder", prepare_vae_encoder,

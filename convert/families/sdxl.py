@@ -20,10 +20,12 @@ from convert.families.base import (
     SubmodelSpec,
     frozen,
     prepare_clip_hidden_states,
+    prepare_unet,
     prepare_vae_decoder,
     prepare_vae_encoder,
     same_config,
     vae_fit,
+    with_export_model_type,
 )
 
 #: what optimum-intel writes for SDXL VAEs with force_upcast
@@ -32,23 +34,10 @@ VAE_SCALE_FACTOR = "128.0"
 
 def _prepare_text_encoder(model: Any, pipeline: Any) -> Any:
     """SDXL reads hidden states of every layer: export them, as optimum does."""
-    from convert.optimum_compat import diffusers_submodel_type
-
-    model = prepare_clip_hidden_states(model, pipeline)
-    model.config.export_model_type = diffusers_submodel_type(model)
-    return model
+    return with_export_model_type(prepare_clip_hidden_states(model, pipeline), pipeline)
 
 
-def _prepare_unet(model: Any, pipeline: Any) -> Any:
-    """The config fields optimum adds before exporting an SDXL UNet (they shape its inputs)."""
-    from convert.optimum_compat import diffusers_submodel_type
-
-    model.config.model_max_length = getattr(pipeline.tokenizer_2, "model_max_length", None)
-    model.config.requires_aesthetics_score = getattr(pipeline.config, "requires_aesthetics_score", False)
-    model.config.time_cond_proj_dim = getattr(model.config, "time_cond_proj_dim", None)
-    model.config.text_encoder_projection_dim = pipeline.text_encoder_2.config.projection_dim
-    model.config.export_model_type = diffusers_submodel_type(model)
-    return model
+_prepare_unet = prepare_unet("tokenizer_2", "text_encoder_2")
 
 
 def _vae_runtime_options(pipeline: Any) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from convert.testing.sdxl import _PIPELINE_SHAPES, _atomic_dir, _seeded, _text_encoder, build_tokenizers, write_pipeline
-from convert.testing.single_file import _unet_key, _unet_prefixes, _vae_key, write_configs
+from convert.testing.single_file import ldm_unet_vae_views, write_configs
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -81,14 +81,7 @@ def build_tiny_sd15_lcm_pipeline(seed: int = 0) -> Any:
 
 def original_sd1_views(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
     """The pipeline's weights under SD 1.x checkpoint keys (views: no copy)."""
-    unet = pipe.unet
-    up_attention = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
-    prefixes = _unet_prefixes(len(unet.down_blocks), int(unet.config.layers_per_block))
-    out = {f"model.diffusion_model.{_unet_key(k, prefixes, up_attention)}": v for k, v in unet.state_dict().items()}
-    levels = len(pipe.vae.config.block_out_channels)
-    for key, value in pipe.vae.state_dict().items():
-        name, conv = _vae_key(key, levels)
-        out[f"first_stage_model.{name}"] = value.reshape(*value.shape, 1, 1) if conv else value
+    out = ldm_unet_vae_views(pipe)
     for key, value in pipe.text_encoder.state_dict().items():
         if not key.endswith("position_ids"):
             out[f"cond_stage_model.transformer.{key}"] = value

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
 __all__ = [
-    "CHECKPOINT", "LORA_DIFFUSERS", "LORA_KOHYA", "original_sdxl_state_dict", "tiny_sdxl_lora",
+    "CHECKPOINT", "LORA_DIFFUSERS", "LORA_KOHYA", "ldm_unet_vae_views", "original_sdxl_state_dict", "tiny_sdxl_lora",
     "sdxl_base_shapes_single_file", "tiny_sdxl_single_file", "tiny_sdxl_single_file_config", "write_single_file",
     "write_single_file_streaming", "sdxl_shapes_lora", "FULL_LORA", "FULL_LORA_RANK",
 ]  # fmt: skip
@@ -167,6 +167,17 @@ def original_sdxl_views(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tens
     Only the OpenCLIP q/k/v concatenations and the transposed projection are new tensors, so at
     full size this costs a few hundred MB over the pipeline instead of a second 6.5 GiB.
     """
+    out = ldm_unet_vae_views(pipe)
+    for key, value in pipe.text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            out[f"conditioner.embedders.0.transformer.{key}"] = value
+    for key, value in _open_clip(pipe.text_encoder_2.state_dict()).items():
+        out[f"conditioner.embedders.1.model.{key}"] = value
+    return {k: v.detach() for k, v in out.items()}
+
+
+def ldm_unet_vae_views(pipe: Any) -> dict[str, torch.Tensor]:
+    """The UNet's and the VAE's weights under the LDM keys every Stability checkpoint uses (views, no copy)."""
     unet = pipe.unet
     up_attention = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
     prefixes = _unet_prefixes(len(unet.down_blocks), int(unet.config.layers_per_block))
@@ -175,12 +186,7 @@ def original_sdxl_views(pipe: StableDiffusionXLPipeline) -> dict[str, torch.Tens
     for key, value in pipe.vae.state_dict().items():
         name, conv = _vae_key(key, levels)
         out[f"first_stage_model.{name}"] = value.reshape(*value.shape, 1, 1) if conv else value
-    for key, value in pipe.text_encoder.state_dict().items():
-        if not key.endswith("position_ids"):
-            out[f"conditioner.embedders.0.transformer.{key}"] = value
-    for key, value in _open_clip(pipe.text_encoder_2.state_dict()).items():
-        out[f"conditioner.embedders.1.model.{key}"] = value
-    return {k: v.detach() for k, v in out.items()}
+    return out
 
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
