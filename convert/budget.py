@@ -322,7 +322,10 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
         params |= of_source  # base first, then each substitute replaces its component
     if not needs_materializing(recipe):
         materialized = 0
-    weights = {c: recipe.settings_for(c).weights for c in family.weighted if recipe.settings_for(c).export}
+    # a denoiser with int8 activations is exported at fp32, its reference compiled at f32 by the gate
+    quantized = recipe.quantized()
+    weights = {c: "fp32" if c in quantized else recipe.settings_for(c).weights
+               for c in family.weighted if recipe.settings_for(c).export}
     v, e2e = recipe.validation, recipe.validation.end_to_end
     native = _native_resolution(resolution, workspace, guessed)
     vae_resolution = v.resolution or native
@@ -332,7 +335,7 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
     memory, phase = estimate_memory(params, weights, denoiser=family.denoiser, vae_resolution=vae_resolution,
                                     pipeline_resolution=pipeline_resolution, guidance_batch=batch,
                                     vae_checked=vae_checked, materialize=needs_materializing(recipe))
-    bundle = disk.bundle_bytes(params, weights)
+    bundle = disk.bundle_bytes(params, {c: "fp32+int8" if c in quantized else w for c, w in weights.items()})
     stored = disk.bundle_bytes(params, {c: w for c, w in weights.items() if c not in cached}) - disk.SLACK_BYTES
     needs = {"downloads": downloads, "single file as diffusers": materialized, "bundle": bundle,
              "component cache": max(stored, 0)}

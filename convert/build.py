@@ -126,7 +126,9 @@ class BuildResult:
 def planned_checks(recipe: Recipe) -> list[str]:
     from validate.checks import describe_checks  # light: no OpenVINO import
 
-    return describe_checks(recipe) + fp16fix.describe(recipe)
+    from convert.quantize import describe
+
+    return describe_checks(recipe) + fp16fix.describe(recipe) + describe(recipe)
 
 
 def plan(recipe_path: Path, workspace: Workspace, locked: bool = False) -> Plan:
@@ -162,7 +164,7 @@ def plan(recipe_path: Path, workspace: Workspace, locked: bool = False) -> Plan:
         if pinned is not None:
             lockfile.check_locked(lock_file, pinned, lockfile.lock_document(resolution))
     components = [
-        PlannedComponent(c, recipe.settings_for(c).weights, recipe.precisions_for(c) if not c.startswith("tokenizer") else [],
+        PlannedComponent(c, weights_label(recipe, c, recipe.settings_for(c).weights), recipe.precisions_for(c) if not c.startswith("tokenizer") else [],
                          dict(recipe.settings_for(c).runtime_options))
         for c in recipe.exported_components()
     ]
@@ -410,6 +412,7 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
                 stores: bool = True) -> BuildResult:
     from convert.export import export_pipeline
     from convert.patch import patch
+    from convert.quantize import Quantized, quantize_stage
     from validate.checks import run_validation
 
     recipe = resolution.recipe
@@ -441,9 +444,14 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
                                    key_inputs(resolution))
         # after the cache: a rewritten VAE IR is a new file (save_atomically), never the cached one
         exported, scaled = fp16fix.runtime_stage(bundle_dir, recipe, patched, exported, notify)
+    native = recipe.family.native_resolution(patched.pipeline)
+    quantized: list[Quantized] = []
+    if recipe.quantized():
+        with _stage("quantize", timings, workspace, ExportError, log, need):
+            quantized = quantize_stage(bundle_dir, staging / "reference", recipe, native, notify)
     components = [
         package.ComponentInfo(
-            name=e.name, weights=e.weights,
+            name=e.name, weights=weights_label(recipe, e.name, e.weights),
             inference_precision=recipe.precisions_for(e.name) if not e.name.startswith("tokenizer") else [],
             runtime_options=e.runtime_options, files=[str(e.xml.relative_to(bundle_dir))], cache_key=e.cache_key or None)
         for e in exported
@@ -452,7 +460,8 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
 
     with _stage("validate", timings, workspace, ValidationError, log, need):
         notify("validate: decoding at the target precisions")
-        report = run_validation(bundle_dir, patched, recipe, notify)
+        report = run_validation(bundle_dir, patched, recipe, notify, {q.part: q.reference for q in quantized})
+        report.quantized = [q.describe() for q in quantized]
         report.fp16_fixes = fp16fix.merge_records(rescaled, scaled)
         report.write(bundle_dir / "validation")
     del patched
@@ -488,6 +497,12 @@ def _build_into(resolution: Resolution, staging: Path, bundle_dir: Path, dest: P
     )
 
 
+def weights_label(recipe: Recipe, part: str, weights: str) -> str:
+    """The component's weights as build.json and the card show them: int8 activations named."""
+    quant = recipe.settings_for(part).quantized_activations() if not part.startswith("tokenizer") else None
+    return f"int8 {quant.mode} (weights + activations)" if quant else weights
+
+
 def substitutes_of(fetched: dict[SourceRole, FetchedSource]) -> dict[str, FetchedSource]:
     """component -> the fetched source that replaces it."""
     return {role.component: f for role, f in fetched.items() if role.component is not None}
@@ -501,7 +516,10 @@ def weight_params(fetched: dict[SourceRole, FetchedSource], family: PipelineFami
 
 
 def exported_weights(recipe: Recipe) -> dict[str, str]:
-    return {c: recipe.settings_for(c).weights for c in recipe.family.weighted if recipe.settings_for(c).export}
+    """Weight format per exported submodel as the disk holds it during the build (`disk.BYTES_PER_WEIGHT`)."""
+    quantized = recipe.quantized()
+    return {c: "fp32+int8" if c in quantized else recipe.settings_for(c).weights
+            for c in recipe.family.weighted if recipe.settings_for(c).export}
 
 
 def _result_from_existing(bundle: package.Bundle, resolution: Resolution) -> BuildResult:

@@ -20,7 +20,9 @@ from convert.errors import ConvertError, PackageError, UsageError
 
 GIB = 1024**3
 #: Bytes per weight of each recipe weight format; int8/int4 carry per-channel/group scales on top.
-BYTES_PER_WEIGHT: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05, "int4": 0.55}
+BYTES_PER_WEIGHT: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05, "int4": 0.55,
+                                      # int8 activations: exported at fp32 (the gate's reference, in staging), then int8
+                                      "fp32+int8": 5.05}
 #: Configs, tokenizers, validation images, report and logs: small, but not nothing.
 SLACK_BYTES = 64 * 1024**2
 #: Extra GiB to leave free on the artifacts disk (a shared machine's reserve); tests use it too.

@@ -232,8 +232,12 @@ INT8_PASSES = 4
 _WEIGHTED_OPS = frozenset({"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData", "Gather"})
 
 
-def compress_weights(model: Any, name: str, settings: ComponentSettings, passes: int = INT8_PASSES) -> Any:
+def compress_weights(model: Any, name: str, settings: ComponentSettings, passes: int = INT8_PASSES,
+                     only: set[str] | None = None) -> Any:
     """NNCF weight compression as the recipe says (fp32 stays; fp16 is applied on save).
+
+    A denoiser with int8 activations (`quantization.mode` hybrid/full) is exported unquantized:
+    the quantize stage calibrates on it, then quantizes it (`only`: hybrid's weight-only ops).
 
     int8 modes compress each layer from its own weights alone, so compressing the layers in
     `passes` disjoint batches gives the same model as one call; but between batches the
@@ -241,33 +245,37 @@ def compress_weights(model: Any, name: str, settings: ComponentSettings, passes:
     coexist in full (one call on the SDXL UNet peaked at 9.4 GiB). int4 picks layers by
     global ranking (ratio, backup layers), so it runs in one call.
     """
-    if settings.weights not in ("int8", "int4"):
+    if settings.weights not in ("int8", "int4") or (only is None and settings.quantized_activations()):
         return model
     import nncf
 
     kwargs = nncf_arguments(settings)
-    batches = weight_batches(model, passes) if settings.weights == "int8" else []
+    batches = weight_batches(model, passes, only) if settings.weights == "int8" else []
+    if only is not None:  # the rest is ignored in every pass: its weights stay as they are
+        batches = batches if len(batches) > 1 else [[op for batch in batches for op in batch]]
     try:
-        if len(batches) < 2:
+        if len(batches) < 2 and only is None:
             return nncf.compress_weights(model, **kwargs)
-        every = [op for batch in batches for op in batch]
+        every = weight_batches(model, 1)[0] if batches else []  # listed once: compressed ops no longer look weighted
         for batch in batches:
             chosen = set(batch)
-            ignored = nncf.IgnoredScope(names=[op for op in every if op not in chosen])
+            ignored = nncf.IgnoredScope(names=[op for op in every if op not in chosen], validate=False)
             model = nncf.compress_weights(model, ignored_scope=ignored, **kwargs)
             _release()
-        model.set_rt_info("[]", ["nncf", "weight_compression", "ignored_scope"])  # what the batches add up to
+        if only is None:
+            model.set_rt_info("[]", ["nncf", "weight_compression", "ignored_scope"])  # what the batches add up to
         return model
     except Exception as e:  # NNCF raises a zoo of types; surfaced with the component name
         raise ExportError(f"{name}: NNCF {settings.weights} compression failed: {type(e).__name__}: {e}",
                           hint=f"try other nncf settings for components.{name} or weights: fp16") from e
 
 
-def weight_batches(model: Any, passes: int) -> list[list[str]]:
-    """Names of the ops with constant weights, in graph order, cut into `passes` batches of similar bytes."""
+def weight_batches(model: Any, passes: int, only: set[str] | None = None) -> list[list[str]]:
+    """Names of the ops with constant weights (of `only`, if given), in graph order, cut into `passes`
+    batches of similar bytes."""
     weighted: list[tuple[str, int]] = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() in _WEIGHTED_OPS:
+        if op.get_type_name() in _WEIGHTED_OPS and (only is None or op.get_friendly_name() in only):
             size = sum(_constant_bytes(op.input_value(i).get_node()) for i in range(op.get_input_size()))
             if size:
                 weighted.append((op.get_friendly_name(), size))

@@ -84,3 +84,33 @@ def export_tokenizer(tokenizer: Any, folder: Path) -> None:
     from optimum.exporters.openvino.convert import export_tokenizer as export
 
     export(tokenizer, folder)
+
+
+def hybrid_quantization_configs(model: Any, samples: int, sym: bool) -> tuple[list[str], Any]:
+    """optimum-intel's hybrid quantization of a diffusion denoiser, in its two halves.
+
+    Returns the weighted MatMul/Gather ops that get weight-only int8 (every other weighted op,
+    the convolutions, is left to the second half) and the `OVQuantizationConfig` of that second
+    half: int8 weights and activations with those ops ignored and SmoothQuant off, as
+    `_get_hybrid_mixed_quantization_config` builds it for `--quant-mode`/`--dataset` exports.
+    """
+    from optimum.intel import OVWeightQuantizationConfig
+    from optimum.intel.openvino.quantization import _collect_ops_with_weights, _get_hybrid_mixed_quantization_config
+
+    mixed = _get_hybrid_mixed_quantization_config(model, OVWeightQuantizationConfig(bits=8, sym=sym, num_samples=samples))
+    return list(_collect_ops_with_weights(model)), mixed.full_quantization_config
+
+
+def full_quantization_config(samples: int, smooth_quant_alpha: float | None, ignored: list[str]) -> Any:
+    """optimum-intel's `OVQuantizationConfig` for int8 weights and activations (transformer patterns, mixed preset)."""
+    from optimum.intel import OVQuantizationConfig
+
+    return OVQuantizationConfig(bits=8, num_samples=samples, smooth_quant_alpha=smooth_quant_alpha,
+                                ignored_scope={"names": ignored} if ignored else None)
+
+
+def run_full_quantization(model: Any, config: Any, dataset: Any) -> Any:
+    """optimum-intel's own `nncf.quantize` call for a config (weights may already be int8: hybrid's first half)."""
+    from optimum.intel.openvino.quantization import _full_quantization
+
+    return _full_quantization(model, config, dataset, verify_not_optimized=False)

@@ -239,8 +239,25 @@ def model_card(resolution: Resolution, components: list[ComponentInfo], headline
         *recipe.family.usage(),
         "```",
         "",
+        *_device_lines(recipe),
     ]
     return "\n".join(lines)
+
+
+def _device_lines(recipe: Recipe) -> list[str]:
+    """What precision the user's device will really compute, and how to pin the one the gate judged."""
+    if recipe.target.device != "CPU":
+        return []
+    judged = sorted({p for part in recipe.exported_components() if not part.startswith("tokenizer")
+                     for p in recipe.precisions_for(part)})
+    lines = ["On a CPU, OpenVINO computes bf16 by default where the CPU has avx512_bf16 or AMX (recent Xeons, "
+             "AMD Zen 4 and later) and f32 elsewhere; this bundle was gated at " + ", ".join(judged) + "."]
+    f32_only = [part for part in recipe.exported_components()
+                if not part.startswith("tokenizer") and "bf16" not in recipe.precisions_for(part)]
+    if f32_only:
+        lines.append(f"{', '.join(f32_only)} {'was' if len(f32_only) == 1 else 'were'} judged at f32 only: on a bf16 "
+                     "CPU pass `ov_config={\"INFERENCE_PRECISION_HINT\": \"f32\"}` to `from_pretrained`.")
+    return [" ".join(lines), ""]
 
 
 def _community_lines(resolution: Resolution) -> list[str]:

@@ -239,9 +239,92 @@ class NNCFSettings(_Strict):
         return value
 
 
+QuantizationMode = Literal["weights", "hybrid", "full"]
+
+#: Gate floors per quantization mode, measured on the tiny pipelines (README "Quantization"):
+#: (denoiser cosine vs the unquantized IR at f32, end-to-end SSIM, end-to-end PSNR dB).
+#: Weight-only int8 is judged as before (the same IR at f32: f16/bf16 rounding only).
+QUANT_FLOORS: dict[str, tuple[float, float, float]] = {"hybrid": (0.98, 0.85, 30.0), "full": (0.95, 0.85, 30.0)}
+
+
+class CalibrationSettings(_Strict):
+    """The denoiser inputs `nncf.quantize` calibrates on: recorded from an f32 run of the exported pipeline."""
+
+    prompts: list[str] | None = Field(
+        default=None, min_length=1, description="Prompts of the calibration run; default (null): the repository's "
+        "list (convert/calibration_prompts.txt: varied real prompts: photos, art, text, people, scenes).",
+    )
+    count: int = Field(default=8, ge=1, le=512, description="How many of the prompts are run (the first ones).")
+    steps: int | None = Field(
+        default=None, ge=1, le=MAX_DENOISE_STEPS, description="Denoising steps per prompt (every step's denoiser call "
+        "is one calibration sample); default (null): the gate's end-to-end steps (the family's or the recipe's)."
+    )
+    resolution: Annotated[int, AfterValidator(image_side)] | None = Field(
+        default=None, description="Image side of the calibration run; default (null): the gate's end-to-end resolution.",
+    )
+    seed: int = Field(default=1000, ge=0, le=MAX_SEED - 512, description="Seed of the first prompt; prompt i uses seed + i "
+                      "(apart from the gate's seeds, so the gate does not judge on the calibration data).")
+
+
+class QuantizationSettings(_Strict):
+    """How the denoiser is quantized beyond its weights (NNCF `nncf.quantize`, calibrated on the pipeline's own run)."""
+
+    mode: QuantizationMode = Field(
+        default="weights", description="weights: int8 weights only (nncf.compress_weights), computing in floating point: "
+        "saves memory and disk, rarely time. hybrid: optimum-intel's hybrid mode: int8 weights for MatMul/Gather, "
+        "int8 weights and activations for convolutions (nncf.quantize, SmoothQuant off). full: int8 weights and "
+        "activations for every MatMul and convolution (nncf.quantize, transformer patterns, SmoothQuant), the "
+        "fastest on CPUs with VNNI/AMX and the most lossy. hybrid and full keep the unquantized IR as the gate's "
+        "reference and need weights: int8 and the end-to-end check.",
+    )
+    smooth_quant_alpha: float | None = Field(
+        default=None, description="full only: SmoothQuant alpha for MatMuls (0-1: how much of the activation "
+        "outliers moves into the weights); -1: off; default (null): NNCF's for transformers (0.95).",
+    )
+    keep_first_last: bool = Field(
+        default=True, description="full only: leave the first and last convolution (conv_in, conv_out) unquantized, "
+        "as is usual for diffusion models (their inputs/outputs are the latents themselves).",
+    )
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings, description="The calibration run.")
+    min_cosine: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Gate floor: cosine of the quantized denoiser's outputs vs the "
+        "unquantized IR at f32 on captured calls; default (null): per mode (hybrid 0.98, full 0.95).",
+    )
+    min_ssim: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Gate floor: end-to-end SSIM vs the unquantized f32 images; "
+        "default (null): 0.85 for hybrid and full.",
+    )
+    min_psnr_db: Annotated[float, AfterValidator(psnr_floor)] | None = Field(
+        default=None, description="Gate floor: end-to-end PSNR vs the unquantized f32 images; default (null): 30 dB.",
+    )
+
+    @field_validator("smooth_quant_alpha")
+    @classmethod
+    def _alpha(cls, value: float | None) -> float | None:
+        if value is not None and value != -1 and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{value} is not a SmoothQuant alpha: use 0 to 1, or -1 for off")
+        return value
+
+    @property
+    def activations(self) -> bool:
+        """Whether activations are quantized too (a calibration run and an unquantized reference)."""
+        return self.mode != "weights"
+
+    def floors(self) -> tuple[float, float, float]:
+        """(min cosine, min SSIM, min PSNR dB) the gate applies to this quantization."""
+        cosine, ssim, psnr = QUANT_FLOORS[self.mode]
+        return (self.min_cosine if self.min_cosine is not None else cosine,
+                self.min_ssim if self.min_ssim is not None else ssim,
+                self.min_psnr_db if self.min_psnr_db is not None else psnr)
+
+
 class ComponentSettings(_Strict):
     weights: WeightFormat = Field(default="fp32", description="Weight format of the exported IR.")
     nncf: NNCFSettings | None = Field(default=None, description="NNCF knobs for int8/int4 weights.")
+    quantization: QuantizationSettings | None = Field(
+        default=None, description="Denoiser only: int8 activations too (hybrid / full), calibrated on the pipeline's "
+        "own f32 run and gated against the unquantized IR; default (null): weights only, as `weights` says.",
+    )
     inference_precision: Annotated[list[Precision] | None, AfterValidator(distinct)] = Field(
         default=None,
         min_length=1,
@@ -269,7 +352,23 @@ class ComponentSettings(_Strict):
             int4_only = [k for k in ("group_size", "ratio", "all_layers") if getattr(self.nncf, k) is not None]
             if int4_only:  # NNCF refuses them for int8 only after minutes of compression, in 200 lines
                 raise ValueError(f"nncf.{int4_only[0]} applies to int4 weights only; remove it or use weights: int4")
+        quant = self.quantization
+        if quant is not None and quant.activations:
+            if self.weights != "int8":
+                raise ValueError(f"quantization.mode {quant.mode} quantizes to int8: set weights: int8 (not {self.weights})")
+            if quant.mode == "full" and self.nncf is not None:
+                raise ValueError("nncf settings shape weight-only compression; quantization.mode full quantizes every "
+                                 "weight with its activations: remove nncf (or use mode hybrid)")
+        if quant is not None and quant.mode != "full":
+            if quant.smooth_quant_alpha is not None:
+                raise ValueError(f"quantization.smooth_quant_alpha applies to mode full only (not {quant.mode})")
+            if "keep_first_last" in quant.model_fields_set:
+                raise ValueError(f"quantization.keep_first_last applies to mode full only (not {quant.mode})")
         return self
+
+    def quantized_activations(self) -> QuantizationSettings | None:
+        """The quantization settings if activations are quantized (hybrid / full), else None."""
+        return self.quantization if self.quantization is not None and self.quantization.activations else None
 
 
 class Target(_Strict):
@@ -277,8 +376,16 @@ class Target(_Strict):
     inference_precision: Annotated[list[Precision], AfterValidator(distinct)] = Field(
         default_factory=lambda: ["f16"],
         min_length=1,
-        description="Precisions the device runs at, each once (GPU: f16; recent Xeons: bf16/f16; older CPUs: f32).",
+        description="Precisions the device runs at, each once. Default: GPU and NPU [f16]; CPU [bf16, f32], what "
+        "OpenVINO's CPU plugin computes by default: bf16 on CPUs with avx512_bf16 or AMX, f32 on the rest.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("device") == "CPU" and "inference_precision" not in data:
+            return {**data, "inference_precision": ["bf16", "f32"]}
+        return data
 
 
 class EndToEndSettings(_Strict):
@@ -475,6 +582,19 @@ class Recipe(_Strict):
                     where = "components." + part if self.settings_for(part).inference_precision else "target"
                     raise ValueError(f"{where}.inference_precision: bf16 is a CPU precision; a {self.target.device} "
                                      "runs f16 or f32 (set target.device: CPU for bf16)")
+        for part, settings in self.components.items():
+            quant = settings.quantized_activations()
+            if quant is None:
+                continue
+            if part != self.family.denoiser:
+                raise ValueError(f"components.{part}.quantization.mode {quant.mode}: activations are quantized in the "
+                                 f"denoiser ({self.family.denoiser}) only; text encoders and VAEs keep weight-only int8")
+            if not self.validation.end_to_end.prompts:
+                raise ValueError(f"components.{part}.quantization.mode {quant.mode} is judged by the end-to-end images "
+                                 "vs the unquantized pipeline: validation.end_to_end.prompts cannot be empty")
+            if part not in self.gated_components():
+                raise ValueError(f"components.{part}.quantization.mode {quant.mode}: the gate must check {part} "
+                                 f"against its unquantized IR; add it to validation.components")
         small, full = self.validation.small_resolution, self.validation.resolution
         if full is not None and small > full and "small_resolution" in self.validation.model_fields_set:
             raise ValueError(f"validation.small_resolution {small} is above validation.resolution {full}; "
@@ -555,6 +675,11 @@ class Recipe(_Strict):
         where the family embeds the guidance scale instead (LCM)."""
         cfg = self.family.gate.cfg if self.family.gate else True
         return 2 if cfg and self.run_guidance() > 1 else 1
+
+    def quantized(self) -> dict[str, QuantizationSettings]:
+        """Exported submodels whose activations are quantized (hybrid / full), with their settings."""
+        return {part: quant for part in self.family.weighted
+                if self.settings_for(part).export and (quant := self.settings_for(part).quantized_activations())}
 
     def exported_components(self) -> list[str]:
         return [c for c in self.family.components if self.settings_for(c).export]

@@ -80,7 +80,9 @@ def _batched(fn: Callable[[Any], Any], t: Any) -> np.ndarray:
     return np.concatenate([fn(t[i : i + 1]).float().numpy() for i in range(t.shape[0])])
 
 
-def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Progress | None = None) -> ValidationReport:
+def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Progress | None = None,
+                   references: dict[str, Path] | None = None) -> ValidationReport:
+    """`references`: quantized part -> its unquantized IR (the pipeline checks compare against it)."""
     import openvino as ov
 
     notify = progress or (lambda _m: None)
@@ -134,7 +136,7 @@ def run_validation(bundle_dir: Path, patched: Any, recipe: Recipe, progress: Pro
     from validate.pipeline_gate import attach_pipeline_checks
 
     with stage_errors("pipeline", bundle_dir):
-        attach_pipeline_checks(report, bundle_dir, recipe, core, full, notify)
+        attach_pipeline_checks(report, bundle_dir, recipe, core, full, notify, references)
     return report
 
 

@@ -64,22 +64,25 @@ def ssim(image: np.ndarray, reference: np.ndarray) -> float:
 
 
 def compare(image: np.ndarray, reference: np.ndarray, *, precision: str, prompt: str, seed: int,
-            runs_as: dict[str, str], limits: Thresholds) -> ImageComparison:
-    """Judge one target-precision image against the f32 image of the same prompt and seed."""
+            runs_as: dict[str, str], limits: Thresholds, hint: str | None = None) -> ImageComparison:
+    """Judge one target-precision image against the f32 image of the same prompt and seed.
+
+    `hint`: what to change if it fails, where it is not the precision (a quantized denoiser)."""
     counts = count_non_finite(image)
     value = psnr(image, reference, data_range=1.0)
     similarity = ssim(image, reference)
     name = f"end-to-end {precision} ('{prompt}', seed {seed})"
+    against = "the f32 image of the unquantized pipeline" if hint else "the f32 image"
     failures = []
     if counts.invalid > limits.max_non_finite:
         failures.append(f"{name}: {counts.invalid}/{counts.total} image values non-finite (a black image on the "
                         f"device); see the submodel lines for the block, or run the failing submodel at f32")
     elif limits.min_ssim is not None and not (similarity >= limits.min_ssim):
-        failures.append(f"{name}: SSIM {similarity:.4f} < {limits.min_ssim:g} vs the f32 image; run the UNet at f32 "
-                        f"(components.unet.inference_precision) or relax validation.end_to_end.min_ssim")
+        failures.append(f"{name}: SSIM {similarity:.4f} < {limits.min_ssim:g} vs {against}; " + (hint or
+                        "run the UNet at f32 (components.unet.inference_precision) or relax validation.end_to_end.min_ssim"))
     elif limits.min_psnr_db is not None and not passes_psnr(value, limits.min_psnr_db):
-        failures.append(f"{name}: PSNR {value:.2f} dB < {limits.min_psnr_db:g} dB vs the f32 image; run the UNet at "
-                        f"f32 (components.unet.inference_precision) or relax validation.end_to_end.min_psnr_db")
+        failures.append(f"{name}: PSNR {value:.2f} dB < {limits.min_psnr_db:g} dB vs {against}; " + (hint or
+                        "run the UNet at f32 (components.unet.inference_precision) or relax validation.end_to_end.min_psnr_db"))
     return ImageComparison(
         precision=precision, prompt=prompt, seed=seed, runs_as=runs_as, counts=counts,
         psnr_db=None if math.isnan(value) else (value if math.isinf(value) else round(value, 2)),

@@ -86,10 +86,14 @@ class _Modes:
 
 
 def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size: int,
-                        notify: Progress | None = None) -> PipelineChecks:
+                        notify: Progress | None = None, references: dict[str, Path] | None = None) -> PipelineChecks:
+    """`references`: part -> its unquantized IR, for parts whose activations are quantized (convert.quantize): the
+    f32 run that every check compares against runs those instead, so the checks judge what quantization did."""
     say = notify or (lambda _m: None)
     settings, e2e, family = recipe.validation, recipe.validation.end_to_end, recipe.family
-    out = PipelineChecks(limits=Thresholds(e2e.max_non_finite, e2e.min_ssim, e2e.min_psnr_db, e2e.gate))
+    references = references or {}
+    quantized = {part: quant for part, quant in recipe.quantized().items() if part in references}
+    out = PipelineChecks(limits=_image_limits(recipe, quantized))
     gate = family.gate
     replayed = [p for p in (gate.checked(family.denoiser) if gate else ()) if p in recipe.gated_components()]
     if not e2e.prompts:
@@ -123,7 +127,8 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     say(f"validate: f32 run of the pipeline, {len(e2e.prompts)} prompt(s), {steps} steps at {size}x{size}, "
         f"guidance {guidance:g}")
     pipeline = load_pipeline(bundle_dir, recipe.family.optimum_class)
-    reference = {p: PartRequest(core, modes.models[p], modes.mode("f32"), record=p in checked, taps=p in checked,
+    unquantized = {p: core.read_model(references[p]) if p in quantized else modes.models[p] for p in present}
+    reference = {p: PartRequest(core, unquantized[p], modes.mode("f32"), record=p in checked, taps=p in checked,
                                 turns=modes.turns) for p in present}
     install(pipeline, reference)
     f32_images = images(pipeline)
@@ -136,7 +141,9 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     for request in reference.values():  # one full-size UNet compiled at a time: ~10 GiB each at f32
         request.release()
 
-    labels = [p for p in recipe.target.inference_precision if p != "f32"]
+    del unquantized
+    # a quantized bundle at f32 is not the reference: its images are judged too
+    labels = [p for p in recipe.target.inference_precision if p != "f32" or quantized]
     wanted = {part: recipe.precisions_for(part) for part in checked}
     columns: dict[str, list[np.ndarray]] = {}
     checked_at: list[SubmodelResult] = []
@@ -146,20 +153,23 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
         for part in (p for p in checked if precision in wanted[p]):
             calls, described = captured[part]
             say(f"validate: {part} {precision} on captured inputs")
+            quant = quantized.get(part)
             checked_at.append(check_submodel(
                 core, modes.models[part], part, modes.request(part, precision), calls, inputs=described,
-                min_cosine=settings.min_cosine, max_non_finite=settings.max_non_finite, maxima=maxima[part],
-                substitutable=part in family.substitutable))
+                min_cosine=quant.floors()[0] if quant else settings.min_cosine, max_non_finite=settings.max_non_finite,
+                maxima=maxima[part], substitutable=part in family.substitutable,
+                quantized=f"int8 {quant.mode}" if quant else None))
         out.timings["submodels"] += time.monotonic() - started
         if precision in labels:
             started = time.monotonic()
             say(f"validate: end-to-end run at {precision}")
             runs = {part: run_precision(recipe, precision, part) for part in present}
             install(pipeline, {part: modes.request(part, runs[part]) for part in present})
-            runs_as = {part: f"{p} {'emulated' if modes.mode(p).emulated else 'native'}" for part, p in runs.items()}
+            runs_as = {part: f"{p} {'emulated' if modes.mode(p).emulated else 'native'}"
+                              + (f", int8 {quantized[part].mode}" if part in quantized else "") for part, p in runs.items()}
             columns[precision] = images(pipeline)
             out.images += [compare(image, reference_image, precision=precision, prompt=prompt, seed=e2e.seed + i,
-                                   runs_as=runs_as, limits=out.limits)
+                                   runs_as=runs_as, limits=out.limits, hint=_quantization_hint(quantized))
                            for i, (prompt, image, reference_image) in enumerate(zip(e2e.prompts, columns[precision], f32_images))]
             out.timings["end_to_end"] += time.monotonic() - started
         modes.release()
@@ -169,9 +179,29 @@ def run_pipeline_checks(bundle_dir: Path, recipe: Recipe, core: Any, native_size
     del pipeline
     grid = [f32_images, *(columns[label] for label in labels)]
     save_grid([[column[i] for column in grid] for i in range(len(e2e.prompts))], bundle_dir / "validation" / GRID)
-    out.figures[GRID] = f"end to end, one row per prompt: {' | '.join(['f32', *labels])}"
+    first = "f32, denoiser unquantized" if quantized else "f32"
+    out.figures[GRID] = f"end to end, one row per prompt: {' | '.join([first, *labels])}"
     out.timings["end_to_end"] += time.monotonic() - started
     return out
+
+
+def _image_limits(recipe: Recipe, quantized: dict[str, Any]) -> Thresholds:
+    """The end-to-end floors: the recipe's, or where a quantized denoiser runs, its quantization's (README)."""
+    e2e = recipe.validation.end_to_end
+    if not quantized:
+        return Thresholds(e2e.max_non_finite, e2e.min_ssim, e2e.min_psnr_db, e2e.gate)
+    _, min_ssim, min_psnr = next(iter(quantized.values())).floors()
+    return Thresholds(e2e.max_non_finite, min_ssim, min_psnr, e2e.gate)
+
+
+def _quantization_hint(quantized: dict[str, Any]) -> str | None:
+    """What to change when a quantized pipeline's image fails, instead of the half-precision advice."""
+    if not quantized:
+        return None
+    part, quant = next(iter(quantized.items()))
+    return (f"the int8 {quant.mode} {part} changed the image: try components.{part}.quantization.mode "
+            + ("hybrid or SmoothQuant (smooth_quant_alpha)" if quant.mode == "full" else "weights")
+            + f", more calibration prompts, or relax components.{part}.quantization.min_ssim / min_psnr_db")
 
 
 def _captured(reference: dict[str, PartRequest], gate: GateSpec, denoiser: str, checked: list[str], prompts: int,
@@ -207,9 +237,9 @@ def draw_charts(folder: Path, maxima: dict[str, dict[str, float]]) -> dict[str, 
 
 
 def attach_pipeline_checks(report: Any, bundle_dir: Path, recipe: Recipe, core: Any, native_size: int,
-                           notify: Progress | None = None) -> None:
+                           notify: Progress | None = None, references: dict[str, Path] | None = None) -> None:
     """Run the pipeline checks and put them, the grid and the headroom charts into `report`."""
-    found = run_pipeline_checks(bundle_dir, recipe, core, native_size, notify)
+    found = run_pipeline_checks(bundle_dir, recipe, core, native_size, notify, references)
     report.submodels, report.images, report.image_limits = found.submodels, found.images, found.limits
     report.figures |= found.figures
     report.timings |= found.timings

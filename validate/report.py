@@ -60,6 +60,7 @@ class ValidationReport:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the gate
     cpu: str | None = None  # the CPU ISA the gate ran on, e.g. "AVX2 (16 vector registers)"
     not_checked: list[str] = field(default_factory=list)  # gate parts the recipe switched off, in words
+    quantized: list[dict[str, Any]] = field(default_factory=list)  # int8-activation parts and their calibration
 
     @property
     def gating_checks(self) -> list[CheckResult]:
@@ -116,6 +117,7 @@ class ValidationReport:
             "checks": [c.to_json() for c in self.checks],
             "samples": self.samples,
             "fp16_fixes": self.fp16_fixes,
+            "quantization": self.quantized,
             "submodels": [r.to_json() for r in self.submodels],
             "end_to_end": {"thresholds": asdict(self.image_limits) if self.image_limits else None,
                            "images": [r.to_json() for r in self.images]},
@@ -150,6 +152,11 @@ class ValidationReport:
                                  f"{_fmt(_headrooms(c)[block], '.3g')} |")
         if self.fp16_fixes:
             lines += ["", "FP16 fixes:", ""] + [f"- {_describe_fix(f)}" for f in self.fp16_fixes]
+        if self.quantized:
+            lines += ["", "Quantized (int8 weights and activations; judged against the unquantized IR):", ""]
+            lines += [f"- {q['part']}: {q['mode']}, calibrated on {q['samples']} denoiser calls recorded from an f32 run "
+                      f"of {q['prompts']} prompt(s), {q['steps']} steps at {q['size']}x{q['size']} ({q['seconds']} s)"
+                      for q in self.quantized]
         lines += submodel_markdown(self.submodels) + image_markdown(self.images, self.image_limits)
         if self.failures:
             lines += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]

@@ -80,6 +80,7 @@ class SubmodelResult(Counted):
     max_abs_activation: dict[str, float] = field(default_factory=dict)  # per block, f32 run
     first_overflow: str | None = None  # block where values first exceed the format's range
     failures: list[str] = field(default_factory=list)
+    quantized: str | None = None  # "int8 full"/"int8 hybrid": compared with the unquantized IR at f32
 
     @property
     def passed(self) -> bool:
@@ -187,16 +188,17 @@ def first_beyond(per_op: Sequence[tuple[str, float]], limit: float = F16_MAX) ->
 def check_submodel(core: Any, model: Any, component: str, request: PartRequest, calls: Sequence[Call], *,
                    inputs: str, min_cosine: float, max_non_finite: int,
                    maxima: tuple[dict[str, float], list[tuple[str, float]]] | None = None,
-                   substitutable: bool = False) -> SubmodelResult:
+                   substitutable: bool = False, quantized: str | None = None) -> SubmodelResult:
     """Replay `calls` (recorded at f32 from the same IR) through `request` and judge the outputs.
 
-    At f32 the recorded outputs are the run itself (cosine 1 by definition, not re-run).
+    At f32 the recorded outputs are the run itself (cosine 1 by definition, not re-run), unless
+    the calls were recorded from the unquantized IR (`quantized`: e.g. "int8 full").
     """
     mode = request.mode
     counts = NO_VALUES
     worst = 1.0
     for call in calls:
-        outputs = call.outputs if mode.precision == "f32" else request.run(call.inputs)
+        outputs = call.outputs if mode.precision == "f32" and quantized is None else request.run(call.inputs)
         for name, ref in call.outputs.items():
             counts += count_non_finite(outputs[name])
             c = cosine(outputs[name], ref)
@@ -213,6 +215,11 @@ def check_submodel(core: Any, model: Any, component: str, request: PartRequest, 
         where = _where(first, blocks)
         failures.append(f"{name}: {counts.invalid}/{counts.total} output values non-finite on {inputs} (NaN {counts.nan}, "
                         f"inf {counts.posinf + counts.neginf}){where}; {fix_hint(component, substitutable)}")
+    elif (math.isnan(worst) or worst < min_cosine) and quantized is not None:
+        failures.append(f"{name} ({quantized}): cosine similarity {worst:.8f} < {min_cosine:g} vs the unquantized IR at "
+                        f"f32 on {inputs}; try components.{component}.quantization.mode "
+                        f"{'hybrid or smooth_quant_alpha' if quantized.endswith('full') else 'weights'}, more "
+                        f"calibration prompts, or relax components.{component}.quantization.min_cosine")
     elif math.isnan(worst) or worst < min_cosine:
         failures.append(f"{name}: cosine similarity {worst:.8f} < {min_cosine:g} vs the same IR at f32 on {inputs}; "
                         f"{fix_hint(component, substitutable)}")
@@ -221,7 +228,7 @@ def check_submodel(core: Any, model: Any, component: str, request: PartRequest, 
         device=mode.device, inputs=inputs, calls=len(calls), counts=counts,
         min_cosine=None if math.isnan(worst) else round(worst, 8),
         max_abs_activation={k: float(f"{v:.6g}") for k, v in blocks.items()},
-        first_overflow=first, failures=failures,
+        first_overflow=first, failures=failures, quantized=quantized,
     )
 
 
@@ -247,7 +254,8 @@ def markdown(results: Sequence[SubmodelResult]) -> list[str]:
              "| component | precision | run as | inputs | invalid (NaN / +inf / -inf) | min cosine | first overflow | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.component} | {r.precision} | {r.execution.split(':')[0]} | {r.inputs} | "
+        component = f"{r.component} ({r.quantized}, vs unquantized f32)" if r.quantized else r.component
+        lines.append(f"| {component} | {r.precision} | {r.execution.split(':')[0]} | {r.inputs} | "
                      f"{r.invalid}/{r.total} ({r.nan} / {r.posinf} / {r.neginf}) | "
                      f"{'n/a' if r.min_cosine is None else r.min_cosine} | {r.first_overflow or '-'} | "
                      f"{'pass' if r.passed else 'FAIL'} |")

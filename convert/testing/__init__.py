@@ -35,6 +35,7 @@ _GENERATORS: Mapping[str, tuple[str, str, tuple[str, ...]]] = MappingProxyType({
     "tiny-sdxl-refiner": ("convert.testing.sdxl_refiner", "tiny_sdxl_refiner", ("sdxl_refiner.py", "sdxl.py")),
     "tiny-sdxl-unet": ("convert.testing.sdxl", "tiny_sdxl_unet", ("sdxl.py",)),
     "tiny-sdxl-unet-fp16-overflow": ("convert.testing.sdxl", "tiny_sdxl_unet_fp16_overflow", ("sdxl.py",)),
+    "tiny-sdxl-unet-activation-outliers": ("convert.testing.sdxl", "tiny_sdxl_unet_activation_outliers", ("sdxl.py",)),
     "tiny-sdxl-single-file": ("convert.testing.single_file", "tiny_sdxl_single_file", ("single_file.py", "sdxl.py")),
     "tiny-sdxl-single-file-config": ("convert.testing.single_file", "tiny_sdxl_single_file_config",
                                      ("single_file.py", "sdxl.py")),

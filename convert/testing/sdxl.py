@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # diffusers/transformers cost seconds to import: only load th
 __all__ = [
     "Size", "UNET_OVERFLOW_BLOCK", "build_full_sdxl_pipeline", "build_offstream_overflow_vae", "build_overflow_vae",
     "build_tiny_sdxl_pipeline", "build_tiny_unet", "build_tokenizers", "fix_vae_for_fp16", "sdxl_base_shapes",
-    "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base", "tiny_sdxl_unet", "tiny_sdxl_unet_fp16_overflow",
+    "sdxl_vae_shapes", "sdxl_vae_shapes_fp16_fix", "tiny_sdxl_base", "tiny_sdxl_unet", "tiny_sdxl_unet_activation_outliers",
+    "tiny_sdxl_unet_fp16_overflow",
     "tiny_sdxl_vae_fp16_fix", "tiny_sdxl_vae_offstream_overflow", "write_pipeline", "write_unet", "write_vae",
 ]  # fmt: skip
 
@@ -456,8 +457,19 @@ UNET_OVERFLOW_BLOCK = "up_blocks.1.resnets.1"
 _UNET_OVERFLOW_GAIN = 2.0**16
 
 
-def build_tiny_unet(seed: int = 0, *, overflow: bool = False) -> Any:
-    """The tiny pipeline's UNet (same seeded weights), optionally with the f16 overflow built in."""
+#: Attention value channels scaled up (one per head) in `build_tiny_unet(outliers=True)`, and by how much.
+_OUTLIER_GAIN = 2.0**9
+
+
+def build_tiny_unet(seed: int = 0, *, overflow: bool = False, outliers: bool = False) -> Any:
+    """The tiny pipeline's UNet (same seeded weights), optionally with the f16 overflow or activation outliers.
+
+    Outliers: in every attention, the first value channel of each head is scaled by
+    `_OUTLIER_GAIN`, so the output projection's input has a few channels ~500x the rest, the
+    activation outliers of real diffusion transformers, its weights unchanged. f32 and f16 run
+    it fine (the outliers stay ~1e3) and int8 weights barely notice (each weight row keeps its
+    own scale), but one int8 scale per activation tensor rounds every other channel to 0.
+    """
     from diffusers import UNet2DConditionModel
 
     config = _pipeline_unet_config(_PIPELINE_SHAPES["tiny"])
@@ -466,6 +478,14 @@ def build_tiny_unet(seed: int = 0, *, overflow: bool = False) -> Any:
         resnet = unet.get_submodule(UNET_OVERFLOW_BLOCK)
         scale_layer_(resnet.conv1, _UNET_OVERFLOW_GAIN)
         scale_layer_(resnet.time_emb_proj, _UNET_OVERFLOW_GAIN)
+    if outliers:
+        with torch.no_grad():
+            for module in unet.modules():
+                if module.__class__.__name__ == "Attention":
+                    channels = torch.arange(0, module.to_v.out_features, module.to_v.out_features // module.heads)
+                    module.to_v.weight[channels] *= _OUTLIER_GAIN
+                    if module.to_v.bias is not None:
+                        module.to_v.bias[channels] *= _OUTLIER_GAIN
     return unet
 
 
@@ -572,3 +592,8 @@ def tiny_sdxl_unet(out_dir: Path, seed: int) -> Path:
 
 def tiny_sdxl_unet_fp16_overflow(out_dir: Path, seed: int) -> Path:
     return write_unet(build_tiny_unet(seed, overflow=True), out_dir)
+
+
+def tiny_sdxl_unet_activation_outliers(out_dir: Path, seed: int) -> Path:
+    """The tiny pipeline's UNet with activation outliers that per-tensor int8 cannot represent (same f32 output)."""
+    return write_unet(build_tiny_unet(seed, outliers=True), out_dir)

@@ -1,0 +1,279 @@
+"""Issue 21: what int8 activations and bf16 buy at full size, timed with the product's own code.
+
+On a full-size bundle (the SDXL architecture with seeded weights; its UNet IR with fp16 weights)
+each step runs in its own process (its peak RSS is its own, VmHWM) and appends to a JSON file:
+
+  calibrate  the UNet's inputs recorded from an f32 run of the bundle's own pipeline on the
+             repository's prompt list (convert.quantize.calibration_samples), saved as .npz
+  quantize   int8 weights (convert.export.compress_weights), hybrid and full int8
+             (convert.quantize.quantize_model: optimum-intel's configs, nncf.quantize)
+  optimum    optimum-intel's own hybrid quantization of the same bundle and prompts
+             (`OVStableDiffusionXLPipeline.from_pretrained(quantization_config=...)`), for comparison
+  time       one UNet step (batch 2 = classifier-free guidance, 1024x1024 image: 128x128 latent)
+             per variant, and the VAE decode at 1024x1024, at f32 and bf16 (the CPU's default where
+             it has avx512_bf16/AMX); cosine of each variant's UNet output vs f32 on a recorded call
+
+Usage: python scripts/bench_quant.py BUNDLE OUT [--steps calibrate,quantize,time] [--prompts 2 --calib-steps 2 --size 256]
+The table it prints goes into BENCHMARKS.md ("Issue 21").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+STEPS = ("calibrate", "quantize", "optimum", "time")
+VARIANTS = ("weights", "hybrid", "full")
+
+
+def peak_gib() -> float:
+    from convert.build import peak_rss_gib
+
+    return peak_rss_gib()
+
+
+def _recipe(bundle: Path) -> Any:
+    from convert.recipe import load_recipe
+
+    return load_recipe(bundle / "recipe.yaml")
+
+
+def _quant(mode: str, prompts: int, steps: int, size: int) -> Any:
+    from convert.recipe import CalibrationSettings, QuantizationSettings
+
+    return QuantizationSettings(mode=mode, calibration=CalibrationSettings(count=prompts, steps=steps, resolution=size))  # type: ignore[arg-type]
+
+
+def calibrate(bundle: Path, out: Path, prompts: int, steps: int, size: int) -> dict[str, Any]:
+    import numpy as np
+
+    from convert.quantize import calibration_samples
+
+    started = time.monotonic()
+    samples, used, steps, size = calibration_samples(bundle, _recipe(bundle), "unet", _quant("full", prompts, steps, size),
+                                                     1024, lambda m: print(m, flush=True))
+    np.savez(out / "calibration.npz", **{f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()})
+    return {"samples": len(samples), "prompts": len(used), "steps": steps, "size": size,
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+def load_samples(out: Path) -> list[dict[str, Any]]:
+    import numpy as np
+
+    data = np.load(out / "calibration.npz")
+    samples: dict[int, dict[str, Any]] = {}
+    for key in data.files:
+        i, name = key.split("/", 1)
+        samples.setdefault(int(i), {})[name] = data[key]
+    return [samples[i] for i in sorted(samples)]
+
+
+def quantize(bundle: Path, out: Path, mode: str) -> dict[str, Any]:
+    import openvino as ov
+
+    from convert.export import compress_weights, save_atomically
+    from convert.quantize import quantize_model
+    from convert.recipe import ComponentSettings
+
+    started = time.monotonic()
+    model = ov.Core().read_model(bundle / "unet" / "openvino_model.xml")
+    settings = ComponentSettings(weights="int8", quantization=_quant(mode, 1, 1, 256) if mode != "weights" else None)
+    if mode == "weights":
+        model = compress_weights(model, "unet", settings)
+    else:
+        model = quantize_model(model, settings.quantization, settings, load_samples(out))  # type: ignore[arg-type]
+    xml = out / f"unet-{mode}" / "openvino_model.xml"
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    save_atomically(model, xml, compress_to_fp16=False)
+    return {"seconds": round(time.monotonic() - started, 1), "ir_gib": round(xml.with_suffix(".bin").stat().st_size / 2**30, 2)}
+
+
+def optimum(bundle: Path, out: Path, prompts: int) -> dict[str, Any]:
+    """optimum-intel's hybrid quantization of the pipeline, its own calibration (its resolution and steps)."""
+    from optimum.intel import OVStableDiffusionXLPipeline, OVWeightQuantizationConfig
+
+    from convert.quantize import default_prompts
+
+    started = time.monotonic()
+    config = OVWeightQuantizationConfig(bits=8, dataset=default_prompts()[:prompts], num_samples=prompts * 2)
+    pipe = OVStableDiffusionXLPipeline.from_pretrained(bundle, quantization_config=config, compile=False)
+    pipe.unet.model  # noqa: B018
+    import openvino as ov
+
+    xml = out / "unet-optimum-hybrid" / "openvino_model.xml"
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(pipe.unet.model, xml, compress_to_fp16=False)
+    return {"seconds": round(time.monotonic() - started, 1), "ir_gib": round(xml.with_suffix(".bin").stat().st_size / 2**30, 2)}
+
+
+def unet_inputs(size: int = 128) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {"sample": rng.standard_normal((2, 4, size, size), dtype=np.float32),
+            "timestep": np.array([500], dtype=np.int64),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 2048), dtype=np.float32),
+            "text_embeds": rng.standard_normal((2, 1280), dtype=np.float32),
+            "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024]] * 2, dtype=np.float32)}
+
+
+def time_unet(xml: Path, hint: str, out: Path) -> dict[str, Any]:
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(xml)
+    inputs = {k: v for k, v in unet_inputs().items() if k in {p.get_any_name() for p in model.inputs}}
+    started = time.monotonic()
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    compile_s = time.monotonic() - started
+    request = compiled.create_infer_request()
+    runs = []
+    for _ in range(2):
+        started = time.monotonic()
+        request.infer(inputs)
+        runs.append(time.monotonic() - started)
+    # fidelity at full size: one recorded calibration call vs the f32 reference's output (saved by the f32 row)
+    sample = load_samples(out)[0]
+    sample = {k: v for k, v in sample.items() if k in inputs}
+    output = np.asarray(compiled(sample)[0], np.float64).ravel()
+    reference_file = out / "reference_output.npy"
+    if not reference_file.exists():
+        np.save(reference_file, output)
+    ref = np.load(reference_file)
+    cosine = float(output @ ref / (np.linalg.norm(output) * np.linalg.norm(ref)))
+    return {"compile_s": round(compile_s, 1), "first_s": round(runs[0], 1), "step_s": round(runs[1], 1),
+            "cosine_vs_f32": round(cosine, 6)}
+
+
+def time_vae(xml: Path, hint: str) -> dict[str, Any]:
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    latent = np.random.default_rng(0).standard_normal((1, 4, 128, 128), dtype=np.float32) / 0.13025
+    started = time.monotonic()
+    compiled = core.compile_model(core.read_model(xml), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    compile_s = time.monotonic() - started
+    started = time.monotonic()
+    image = compiled(latent)[0]
+    return {"compile_s": round(compile_s, 1), "step_s": round(time.monotonic() - started, 1),
+            "non_finite": int((~np.isfinite(image)).sum())}
+
+
+def child(argv: list[str]) -> int:
+    """One measurement, in this process; prints one JSON line with its peak RSS."""
+    kind, bundle, out = argv[0], Path(argv[1]), Path(argv[2])
+    rest = argv[3:]
+    if kind == "calibrate":
+        result = calibrate(bundle, out, int(rest[0]), int(rest[1]), int(rest[2]))
+    elif kind == "quantize":
+        result = quantize(bundle, out, rest[0])
+    elif kind == "optimum":
+        result = optimum(bundle, out, int(rest[0]))
+    elif kind == "unet":
+        result = time_unet(Path(rest[0]), rest[1], out)
+    else:
+        result = time_vae(Path(rest[0]), rest[1])
+    print("RESULT " + json.dumps(result | {"peak_rss_gib": round(peak_gib(), 2)}), flush=True)
+    return 0
+
+
+def run_child(args: list[str], log: Path, timeout: int = 3600) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    with log.open("a") as f:
+        f.write(f"### {' '.join(args)}\n{done.stdout}\n{done.stderr[-20000:]}\n")
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:300]}", "wall_s": round(time.monotonic() - started, 1)}
+    return json.loads(lines[-1][7:]) | {"wall_s": round(time.monotonic() - started, 1)}
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| row | what | compile | UNet step / VAE decode | cosine vs f32 (UNet, full size) | peak RSS |",
+            "|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        if not key.startswith(("unet:", "vae:")):
+            continue
+        if "error" in r:
+            rows.append(f"| {key} | - | - | {r['error']} | - | - |")
+            continue
+        rows.append(f"| {key} | {r.get('what', '')} | {r['compile_s']} s | {r['step_s']} s | "
+                    f"{r.get('cosine_vs_f32', '-')} | {r['peak_rss_gib']} GiB |")
+    prep = ["", "| preparation | seconds | IR size | peak RSS | notes |", "|---|---|---|---|---|"]
+    for key, r in results.items():
+        if key.startswith(("calibrate", "quantize:", "optimum")):
+            if "error" in r:
+                prep.append(f"| {key} | - | - | - | {r['error']} |")
+            else:
+                notes = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("samples", "prompts", "steps", "size"))
+                prep.append(f"| {key} | {r['seconds']} | {r.get('ir_gib', '-')} GiB | {r['peak_rss_gib']} GiB | {notes} |")
+    return "\n".join(rows + prep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", default="calibrate,quantize,time")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--calib-steps", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.json"
+    results: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
+    log = out / "bench.log"
+    bundle = args.bundle.resolve()
+    steps = args.steps.split(",")
+
+    def record(key: str, value: dict[str, Any]) -> None:
+        results[key] = value | {"measured_at": time.strftime("%Y-%m-%dT%H:%M", time.gmtime())}
+        store.write_text(json.dumps(results, indent=2) + "\n")
+        print(key, value, flush=True)
+
+    if "calibrate" in steps:
+        record("calibrate", run_child(["calibrate", str(bundle), str(out), str(args.prompts), str(args.calib_steps),
+                                       str(args.size)], log))
+    if "quantize" in steps:
+        for mode in VARIANTS:
+            record(f"quantize:{mode}", run_child(["quantize", str(bundle), str(out), mode], log))
+    if "optimum" in steps:
+        record("optimum:hybrid", run_child(["optimum", str(bundle), str(out), str(args.prompts)], log))
+    if "time" in steps:
+        fp16 = bundle / "unet" / "openvino_model.xml"
+        rows = [("unet:f32", fp16, "f32", "fp16 weights, f32 compute"),
+                ("unet:bf16", fp16, "bf16", "fp16 weights, bf16 compute"),
+                *((f"unet:int8-{m}", out / f"unet-{m}" / "openvino_model.xml", "bf16", f"int8 {m}, bf16 hint")
+                  for m in VARIANTS),
+                ("unet:int8-full-f32", out / "unet-full" / "openvino_model.xml", "f32", "int8 full, f32 hint")]
+        if (out / "unet-optimum-hybrid").is_dir():
+            rows.append(("unet:optimum-hybrid", out / "unet-optimum-hybrid" / "openvino_model.xml", "bf16",
+                         "optimum-intel hybrid, bf16 hint"))
+        for key, xml, hint, what in rows:
+            record(key, run_child(["unet", str(bundle), str(out), str(xml), hint], log) | {"what": what})
+        for hint in ("f32", "bf16"):
+            record(f"vae:{hint}", run_child(["vae", str(bundle), str(out), str(bundle / "vae_decoder" / "openvino_model.xml"),
+                                             hint], log) | {"what": f"VAE decode 1024x1024, {hint}"})
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
