@@ -105,9 +105,15 @@ def run_bytes_per_param(weights: str) -> float:
     return RUN_PER_PARAM.get(weights, 4.0)
 
 
+#: nncf.quantize of a denoiser, bytes of peak RSS per parameter (convert/quantize.py), measured on the full-size
+#: SDXL UNet (2.567 B parameters, 4 calibration calls at 256x256, BENCHMARKS.md "Issue 21"): hybrid 10.66 GiB;
+#: full was killed by the OOM killer on a 23.5 GiB machine (with and without SmoothQuant): at least 9.8 bytes.
+QUANTIZE_PER_PARAM: dict[str, float] = {"hybrid": 4.46, "full": 9.8}
+
+
 def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, denoiser: str,
                     vae_resolution: int, pipeline_resolution: int | None, guidance_batch: int,
-                    vae_checked: bool, materialize: bool = False) -> tuple[int, str]:
+                    vae_checked: bool, materialize: bool = False, quantize: str | None = None) -> tuple[int, str]:
     """Peak RSS and the phase that sets it.
 
     `params` per pipeline folder (unet, vae, text_encoder, ...), `weights` per exported
@@ -136,6 +142,9 @@ def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, de
         act = per_image * guidance_batch / 2 * (pipeline_resolution / 1024) ** 2
         phases[f"validate: {denoiser} compiled at f32 for {pipeline_resolution}x{pipeline_resolution}, "
                f"batch {guidance_batch}"] = base + resident + act
+    if quantize is not None and denoiser in weights:
+        phases[f"quantize: nncf.quantize of {denoiser} ({quantize}; full is a lower bound)"] = (
+            LIBRARIES + QUANTIZE_PER_PARAM[quantize] * params.get(denoiser, 0))
     if not phases:
         return int(LIBRARIES), "libraries"
     phase = max(phases, key=lambda p: phases[p])
@@ -334,7 +343,8 @@ def resolution_needs(resolution: Any, workspace: Any, *, cached: frozenset[str] 
     vae_checked = any(p.startswith("vae_") and p in weights for p in recipe.gated_components())
     memory, phase = estimate_memory(params, weights, denoiser=family.denoiser, vae_resolution=vae_resolution,
                                     pipeline_resolution=pipeline_resolution, guidance_batch=batch,
-                                    vae_checked=vae_checked, materialize=needs_materializing(recipe))
+                                    vae_checked=vae_checked, materialize=needs_materializing(recipe),
+                                    quantize=quantized[family.denoiser].mode if family.denoiser in quantized else None)
     bundle = disk.bundle_bytes(params, {c: "fp32+int8" if c in quantized else w for c, w in weights.items()})
     stored = disk.bundle_bytes(params, {c: w for c, w in weights.items() if c not in cached}) - disk.SLACK_BYTES
     needs = {"downloads": downloads, "single file as diffusers": materialized, "bundle": bundle,

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 STEPS = ("calibrate", "quantize", "optimum", "time")
-VARIANTS = ("weights", "hybrid", "full")
+VARIANTS = ("weights", "hybrid", "full", "full-sq-off")
 
 
 def peak_gib() -> float:
@@ -46,9 +46,13 @@ def _recipe(bundle: Path) -> Any:
 
 
 def _quant(mode: str, prompts: int, steps: int, size: int) -> Any:
+    """`full-sq-off`: full with SmoothQuant off (smooth_quant_alpha -1)."""
     from convert.recipe import CalibrationSettings, QuantizationSettings
 
-    return QuantizationSettings(mode=mode, calibration=CalibrationSettings(count=prompts, steps=steps, resolution=size))  # type: ignore[arg-type]
+    calibration = CalibrationSettings(count=prompts, steps=steps, resolution=size)
+    if mode == "full-sq-off":
+        return QuantizationSettings(mode="full", smooth_quant_alpha=-1, calibration=calibration)
+    return QuantizationSettings(mode=mode, calibration=calibration)  # type: ignore[arg-type]
 
 
 def calibrate(bundle: Path, out: Path, prompts: int, steps: int, size: int) -> dict[str, Any]:
@@ -84,9 +88,18 @@ def quantize(bundle: Path, out: Path, mode: str) -> dict[str, Any]:
 
     started = time.monotonic()
     model = ov.Core().read_model(bundle / "unet" / "openvino_model.xml")
-    settings = ComponentSettings(weights="int8", quantization=_quant(mode, 1, 1, 256) if mode != "weights" else None)
+    settings = ComponentSettings(weights="int8", quantization=_quant(mode, 1, 1, 256) if mode not in ("weights", "full-nobc") else None)
     if mode == "weights":
         model = compress_weights(model, "unet", settings)
+    elif mode == "full-nobc":  # full, bias correction off: does NNCF's bias correction set full's peak?
+        import nncf
+
+        from convert.optimum_compat import full_quantization_config, run_full_quantization
+        from convert.quantize import first_last_convolutions
+
+        config = full_quantization_config(len(load_samples(out)), None, first_last_convolutions(model))
+        config.kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(disable_bias_correction=True)
+        model = run_full_quantization(model, config, nncf.Dataset(load_samples(out)))
     else:
         model = quantize_model(model, settings.quantization, settings, load_samples(out))  # type: ignore[arg-type]
     xml = out / f"unet-{mode}" / "openvino_model.xml"
@@ -195,6 +208,9 @@ def run_child(args: list[str], log: Path, timeout: int = 3600) -> dict[str, Any]
     with log.open("a") as f:
         f.write(f"### {' '.join(args)}\n{done.stdout}\n{done.stderr[-20000:]}\n")
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode == -9:
+        return {"error": "killed by SIGKILL (out of memory: 23.5 GiB machine, no swap)",
+                "wall_s": round(time.monotonic() - started, 1)}
     if done.returncode or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit {done.returncode}: {tail[:300]}", "wall_s": round(time.monotonic() - started, 1)}
@@ -234,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--calib-steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--modes", default=",".join(VARIANTS), help="quantize: which variants")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         record("calibrate", run_child(["calibrate", str(bundle), str(out), str(args.prompts), str(args.calib_steps),
                                        str(args.size)], log))
     if "quantize" in steps:
-        for mode in VARIANTS:
+        for mode in args.modes.split(","):
             record(f"quantize:{mode}", run_child(["quantize", str(bundle), str(out), mode], log))
     if "optimum" in steps:
         record("optimum:hybrid", run_child(["optimum", str(bundle), str(out), str(args.prompts)], log))
@@ -261,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("unet:f32", fp16, "f32", "fp16 weights, f32 compute"),
                 ("unet:bf16", fp16, "bf16", "fp16 weights, bf16 compute"),
                 *((f"unet:int8-{m}", out / f"unet-{m}" / "openvino_model.xml", "bf16", f"int8 {m}, bf16 hint")
-                  for m in VARIANTS),
-                ("unet:int8-full-f32", out / "unet-full" / "openvino_model.xml", "f32", "int8 full, f32 hint")]
+                  for m in VARIANTS if (out / f"unet-{m}").is_dir()),
+                *((f"unet:int8-{m}-f32", out / f"unet-{m}" / "openvino_model.xml", "f32", f"int8 {m}, f32 hint")
+                  for m in ("full", "full-sq-off") if (out / f"unet-{m}").is_dir())]
         if (out / "unet-optimum-hybrid").is_dir():
             rows.append(("unet:optimum-hybrid", out / "unet-optimum-hybrid" / "openvino_model.xml", "bf16",
                          "optimum-intel hybrid, bf16 hint"))

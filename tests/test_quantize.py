@@ -232,3 +232,28 @@ def test_hybrid_int8_quantizes_the_convolutions_and_compresses_the_matmuls(tmp_p
     matmul_weights = [op for op in model.get_ops() if op.get_type_name() == "MatMul"
                       and op.input_value(1).get_node().get_type_name() in ("Multiply", "Convert")]
     assert matmul_weights, "MatMul weights should be int8 (decompressed by Convert/Subtract/Multiply)"
+
+
+def test_the_sd3_transformer_quantizes_fully_and_passes_against_its_unquantized_self(
+        tmp_path: Path, artifacts_root: Path) -> None:
+    """The quantize stage is the denoiser's, whatever the family names it: SD3's transformer."""
+    from convert.build import build
+    from convert.workspace import Workspace
+
+    text = (PROJECT_ROOT / "recipes" / "tiny-sd35-medium.yaml").read_text()
+    text = text.replace("name: tiny-sd35-medium", "name: tiny-sd35-int8-full").replace(
+        "  transformer: {weights: int8, nncf: {mode: int8_asym}}",
+        "  transformer: {weights: int8, quantization: {mode: full, calibration: {count: 4}}}").replace(
+        "  device: GPU\n  inference_precision: [f16, f32]\n", "  device: CPU\n").replace(
+        "  denoise_steps: 2\n", "  denoise_steps: 1\n  images: [astronaut]\n  check_original: false\n"
+        "  end_to_end: {prompts: [a photo of a cat]}\n")
+    assert "quantization: {mode: full" in text and "device: CPU" in text
+    recipe = tmp_path / "tiny-sd35-int8-full.yaml"
+    recipe.write_text(text)
+    result = build(recipe, Workspace(artifacts=artifacts_root))
+    report = json.loads((result.bundle / "validation" / "report.json").read_text())
+    assert report["passed"] is True and report["quantization"][0]["part"] == "transformer"
+    rows = [r for r in report["submodels"] if r["component"] == "transformer"]
+    assert {r["precision"] for r in rows} == {"bf16", "f32"}
+    assert all(r["quantized"] == "int8 full" and 0.95 <= r["min_cosine"] < 0.99999 for r in rows), rows
+    assert _ops(result.bundle / "transformer" / "openvino_model.xml").get("FakeQuantize", 0) > 10
