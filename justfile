@@ -64,6 +64,12 @@ schema: setup
 bench *args: setup
     "{{bin}}/python" scripts/bench.py {{args}}
 
+# issue 21 at full size: calibrate, quantize (weights/hybrid/full) and time a UNet step and the VAE decode per
+# precision on BUNDLE (an SDXL bundle with an fp16 UNet, e.g. bench-sdxl-fp16fix-fp16unet-shapes); --store writes
+# the section into BENCHMARKS.json/.md
+bench-quant bundle out="artifacts/bench/quant" *args: setup
+    "{{bin}}/python" scripts/bench_quant.py {{bundle}} {{out}} {{args}}
+
 # pin a recipe's sources, files and tool versions in recipes/NAME.lock.json (prints what changed)
 lock recipe *flags: setup
     "{{bin}}/sdxl-convert" lock {{recipe}} {{flags}}
