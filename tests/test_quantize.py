@@ -257,3 +257,28 @@ def test_the_sd3_transformer_quantizes_fully_and_passes_against_its_unquantized_
     assert {r["precision"] for r in rows} == {"bf16", "f32"}
     assert all(r["quantized"] == "int8 full" and 0.95 <= r["min_cosine"] < 0.99999 for r in rows), rows
     assert _ops(result.bundle / "transformer" / "openvino_model.xml").get("FakeQuantize", 0) > 10
+
+
+def test_emulated_bf16_runs_the_quantized_unet_as_native_bf16_does(full_int8) -> None:  # type: ignore[no-untyped-def]
+    """Where the CPU lacks bf16 (AVX2-only EPYCs) the gate emulates it: the emulation must handle a graph full of
+    FakeQuantize ops and land where this CPU's native bf16 lands (this host has avx512_bf16)."""
+    import openvino as ov
+
+    from validate.precision import ExecutionMode, compile_for, plan_execution
+    from validate.submodels import cosine
+
+    core = ov.Core()
+    model = core.read_model(full_int8.bundle / "unet" / "openvino_model.xml")
+    rng = np.random.default_rng(0)
+    inputs = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([500], np.int64),
+              "encoder_hidden_states": rng.standard_normal((2, 77, 96), dtype=np.float32),
+              "text_embeds": rng.standard_normal((2, 64), dtype=np.float32),
+              "time_ids": np.array([[64, 64, 0, 0, 64, 64]] * 2, np.float32)}
+    inputs = {k: v for k, v in inputs.items() if k in {p.get_any_name() for p in model.inputs}}
+    emulated = next(iter(compile_for(core, model, ExecutionMode("bf16", "CPU", True, "test"), inputs)(inputs).values()))
+    f32 = next(iter(compile_for(core, model, ExecutionMode("f32", "CPU", False, "test"), inputs)(inputs).values()))
+    assert np.isfinite(emulated).all() and 0.99 < cosine(emulated, f32) < 1.0
+    native = plan_execution(core, "CPU", "bf16")
+    if not native.emulated:  # this host computes bf16: the emulation agrees with it about as well as with f32
+        real = next(iter(compile_for(core, model, native, inputs)(inputs).values()))
+        assert cosine(emulated, real) > 0.99
