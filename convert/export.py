@@ -76,15 +76,16 @@ def export_pipeline(
             notify(f"export: {name} -> not in the source (optional in {family.name}), left out")
             continue
         t0 = time.monotonic()
+        label = "fp32, quantized after calibration" if settings.quantized_activations() else settings.weights
         inputs = (key_inputs or {}).get(name)
         key = component_key(inputs) if inputs is not None else None
         if cache is not None and key is not None and cache.restore(key, out_dir / name):
-            notify(f"export: {name} -> {settings.weights}, reused from the component cache ({key[:12]})")
+            notify(f"export: {name} -> {label}, reused from the component cache ({key[:12]})")
             exported.append(ExportedComponent(name, out_dir / name / OV_XML, settings.weights,
                                               _ir_runtime_options(out_dir / name / OV_XML), time.monotonic() - t0,
                                               key, reused=True))
             continue
-        notify(f"export: {name} -> {settings.weights}")
+        notify(f"export: {name} -> {label}")
         xml, options = export_submodel(patched, name, settings, recipe.precisions_for(name), build_id, out_dir / name,
                                        key)
         if cache is not None and key is not None and inputs is not None:
