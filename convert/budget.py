@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.disk import nearest_existing
+from convert.quantize_pieces import PIECE_WEIGHT_BYTES
 from validate.pieces import piece_resident_bytes
 
 GIB = 1024**3
@@ -105,11 +106,14 @@ def run_bytes_per_param(weights: str) -> float:
     return RUN_PER_PARAM.get(weights, 4.0)
 
 
-#: nncf.quantize of a denoiser, bytes of peak RSS per parameter (convert/quantize.py), measured on the full-size
-#: SDXL UNet (2.567 B parameters, 4 calibration calls at 256x256) exported at f32 as the quantize stage gets it, on the
-#: device Xeon (BENCHMARKS.md "Issue 21 on the device Xeon"): hybrid 17.19 GiB, full 36.44 GiB. On the 2-core EPYC
-#: hybrid from an fp16-weight IR took 10.66 GiB and full was killed by the OOM killer at 23.5 GiB.
+#: nncf.quantize of a denoiser, bytes of peak RSS per parameter it is given (convert/quantize.py), measured on the
+#: full-size SDXL UNet (2.567 B parameters, 4 calibration calls at 256x256) exported at f32 as the quantize stage gets
+#: it, quantized whole on the device Xeon (BENCHMARKS.md "Issue 21 on the device Xeon"): hybrid 17.19 GiB, full
+#: 36.44 GiB. The quantize stage gives it one piece of at most PIECE_WEIGHT_BYTES of f32 weights at a time
+#: (convert/quantize_pieces.py) and holds the int8 pieces done so far (about a byte per parameter): full int8 of the
+#: SDXL UNet in 10 pieces peaked at 6.66 GiB on this 2-core EPYC (this formula: 7.3).
 QUANTIZE_PER_PARAM: dict[str, float] = {"hybrid": 7.19, "full": 15.24}
+QUANTIZED_PER_PARAM = 1.0
 
 
 def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, denoiser: str,
@@ -144,8 +148,11 @@ def estimate_memory(params: Mapping[str, int], weights: Mapping[str, str], *, de
         phases[f"validate: {denoiser} compiled at f32 for {pipeline_resolution}x{pipeline_resolution}, "
                f"batch {guidance_batch}"] = base + resident + act
     if quantize is not None and denoiser in weights:
-        phases[f"quantize: nncf.quantize of {denoiser} ({quantize})"] = (
-            LIBRARIES + QUANTIZE_PER_PARAM[quantize] * params.get(denoiser, 0))
+        count = params.get(denoiser, 0)
+        piece = min(count, PIECE_WEIGHT_BYTES // 4)
+        parts = "" if piece == count else f", in pieces of {piece / 1e6:.0f} M parameters"
+        phases[f"quantize: nncf.quantize of {denoiser} ({quantize}{parts})"] = (
+            LIBRARIES + QUANTIZE_PER_PARAM[quantize] * piece + QUANTIZED_PER_PARAM * count)
     if not phases:
         return int(LIBRARIES), "libraries"
     phase = max(phases, key=lambda p: phases[p])

@@ -9,7 +9,9 @@ hybrid (int8 weights for MatMul/Gather, int8 weights and activations for convolu
 full (int8 weights and activations everywhere, SmoothQuant, first/last convolution kept).
 
 The unquantized IR moves to the staging folder and is the gate's reference: the gate
-judges the quantized denoiser against it, not against itself at f32.
+judges the quantized denoiser against it, not against itself at f32. A denoiser above 1 GiB of
+f32 weights is quantized in pieces (convert/quantize_pieces.py): NNCF given the whole SDXL UNet
+needs 36 GiB.
 """
 
 from __future__ import annotations
@@ -109,8 +111,31 @@ def calibration_samples(bundle_dir: Path, recipe: Recipe, part: str, quant: Quan
     return [call.inputs for call in recorder.calls], prompts, steps, size
 
 
-def quantize_model(model: Any, quant: QuantizationSettings, settings: ComponentSettings, samples: list[dict[str, Any]]) -> Any:
-    """`model` (unquantized) with int8 activations as `quant.mode` says, through optimum-intel's configs."""
+def quantize_model(model: Any, quant: QuantizationSettings, settings: ComponentSettings, samples: list[dict[str, Any]],
+                   notify: Progress = lambda _: None, piece_bytes: int | None = None) -> Any:
+    """`model` (unquantized) with int8 activations as `quant.mode` says, through optimum-intel's configs.
+
+    A model with more than `piece_bytes` of f32 weights (default: 1 GiB, the SDXL UNet has 10.3 GB)
+    is quantized in pieces (convert/quantize_pieces.py): nncf.quantize needs about 15 bytes per
+    parameter of what it is given.
+    """
+    from convert.quantize_pieces import PIECE_WEIGHT_BYTES, pieces_needed, quantize_in_pieces
+
+    ignored = first_last_convolutions(model) if quant.mode == "full" and quant.keep_first_last else []
+
+    def one(part: Any, part_samples: list[dict[str, Any]], keep: list[str]) -> Any:
+        return _quantize_whole(part, quant, settings, part_samples, keep)
+
+    parts = pieces_needed(model, piece_bytes or PIECE_WEIGHT_BYTES)
+    if parts == 1:
+        return one(model, samples, ignored)
+    notify(f"quantize: {parts} pieces of at most {(piece_bytes or PIECE_WEIGHT_BYTES) / 2**30:.2g} GiB of f32 weights "
+           "each, one nncf.quantize per piece")
+    return quantize_in_pieces(model, samples, parts, one, ignored, notify)
+
+
+def _quantize_whole(model: Any, quant: QuantizationSettings, settings: ComponentSettings,
+                    samples: list[dict[str, Any]], ignored: list[str]) -> Any:
     import nncf
 
     from convert.export import compress_weights
@@ -122,7 +147,6 @@ def quantize_model(model: Any, quant: QuantizationSettings, settings: ComponentS
         # optimum's first half (int8 weights, convolutions left out), in our memory-lean batches
         model = compress_weights(model, "hybrid", settings, only=set(weighted))
         return run_full_quantization(model, config, dataset)
-    ignored = first_last_convolutions(model) if quant.keep_first_last else []
     return run_full_quantization(model, full_quantization_config(len(samples), quant.smooth_quant_alpha, ignored), dataset)
 
 
@@ -151,7 +175,7 @@ def quantize_stage(bundle_dir: Path, reference_dir: Path, recipe: Recipe, native
         xml = bundle_dir / part / OV_XML
         model = ov.Core().read_model(xml)
         try:
-            quantized = quantize_model(model, quant, recipe.settings_for(part), samples)
+            quantized = quantize_model(model, quant, recipe.settings_for(part), samples, notify)
         except Exception as e:  # NNCF raises many kinds; one line naming the component
             raise ExportError(f"{part}: NNCF {quant.mode} quantization failed: {type(e).__name__}: {e}",
                               hint=f"try components.{part}.quantization.mode hybrid, or weights only") from e

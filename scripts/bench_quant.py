@@ -272,10 +272,10 @@ def section(results: dict[str, Any], device: dict[str, Any] | None) -> str:
         "",
         "Full int8 (`quantization.mode: full`) of the full-size UNet could not be made on this 23.5 GiB machine: "
         "`nncf.quantize` was killed by the OOM killer with SmoothQuant (default), without it, and without bias "
-        "correction alike, after 3-5 minutes; hybrid peaked at 10.66 GiB on the same input. `--plan` counts "
-        "nncf.quantize at 15.24 bytes per denoiser parameter for full (36.4 GiB for the SDXL UNet, measured on the "
-        "device Xeon: refused up front on a 16-24 GiB machine) and 7.19 for hybrid (convert/budget.py "
-        "`QUANTIZE_PER_PARAM`).",
+        "correction alike, after 3-5 minutes; hybrid peaked at 10.66 GiB on the same input. The Xeon measured "
+        "NNCF given the whole UNet at 36.4 GiB for full, 17.2 GiB for hybrid; the product now quantizes a denoiser "
+        "above 1 GiB of f32 weights in pieces: full int8 of this UNet in 6.66 GiB (section \"Issue 21: full int8 of "
+        "the full-size UNet in pieces\").",
         "",
         "Against optimum-cli / optimum-intel: our hybrid and full modes are optimum-intel's own configs "
         "(`_get_hybrid_mixed_quantization_config`, `OVQuantizationConfig`) passed to its `_full_quantization`, so the "

@@ -282,3 +282,63 @@ def test_emulated_bf16_runs_the_quantized_unet_as_native_bf16_does(full_int8) ->
     if not native.emulated:  # this host computes bf16: the emulation agrees with it about as well as with f32
         real = next(iter(compile_for(core, model, native, inputs)(inputs).values()))
         assert cosine(emulated, real) > 0.99
+
+
+@pytest.mark.parametrize("mode", ["full", "hybrid"])
+def test_a_denoiser_quantized_in_pieces_matches_it_quantized_whole(mode: str) -> None:
+    """What makes full int8 of the SDXL UNet fit (nncf.quantize needs ~15 bytes per parameter of what it is
+    given): the pieces, joined, are one model with the same inputs, outputs and runtime info, compute what the
+    unquantized model computes when nothing is quantized, and quantized come out as close to f32 as the whole."""
+    import openvino as ov
+
+    from convert.quantize import quantize_model
+    from convert.quantize_pieces import f32_weight_bytes
+    from convert.recipe import ComponentSettings, QuantizationSettings
+    from tests.test_unet_gate import _inputs, _ir
+
+    core = ov.Core()
+    model = _ir(overflow=False)
+    model.set_rt_info("0.5", ["runtime_options", "ACTIVATIONS_SCALE_FACTOR"])
+    model.outputs[0].get_tensor().set_names({"out_sample"})  # as optimum names it
+    rng = np.random.default_rng(3)
+    calls = [_inputs(step % 3) | {"encoder_hidden_states": rng.standard_normal((2, 77, 96)).astype(np.float32)}
+             for step in range(6)]
+    held_out = [_inputs(step) for step in range(3)]
+
+    def run(m: ov.Model, x: dict[str, np.ndarray]) -> np.ndarray:
+        return np.array(core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0], np.float64).ravel()
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    reference = [run(model, x) for x in held_out]
+    if mode == "full":  # the join itself, once
+        _joined_is_the_model(model, calls[:2], held_out, reference, run, rng)
+
+    quant, settings = QuantizationSettings(mode=mode), ComponentSettings(weights="int8")
+    lines: list[str] = []
+    whole = quantize_model(model.clone(), quant, settings, calls)
+    pieces = quantize_model(model, quant, settings, calls, lines.append, piece_bytes=f32_weight_bytes(model) // 3 + 1)
+    assert lines[0].startswith("quantize: 3 pieces") and lines[-1].startswith("quantize: piece 3/3")
+    fake = [sum(op.get_type_name() == "FakeQuantize" for op in m.get_ops()) for m in (whole, pieces)]
+    assert fake[0] > 0 and abs(fake[1] - fake[0]) <= 0.1 * fake[0]  # an activation read across a cut: one more each
+    for x, r in zip(held_out, reference, strict=True):
+        a, b = cosine(run(whole, x), r), cosine(run(pieces, x), r)
+        assert a < 0.9999 and b < 0.9999  # quantized, both
+        assert abs(a - b) < 0.002, (a, b)
+
+
+def _joined_is_the_model(model, calls, held_out, reference, run, rng) -> None:  # type: ignore[no-untyped-def]
+    """Pieces joined with nothing quantized: the same inputs, outputs, runtime info and values, still dynamic."""
+    from convert.quantize_pieces import quantize_in_pieces
+    from tests.test_unet_gate import _inputs
+
+    joined = quantize_in_pieces(model, calls, 3, lambda piece, _samples, _ignored: piece)
+    assert [p.get_names() for p in joined.inputs] == [p.get_names() for p in model.inputs]
+    assert [p.get_names() for p in joined.outputs] == [p.get_names() for p in model.outputs]
+    assert len(joined.outputs) == 1
+    assert joined.get_rt_info(["runtime_options", "ACTIVATIONS_SCALE_FACTOR"]).astype(str) == "0.5"
+    assert all(np.array_equal(run(joined, x), r) for x, r in zip(held_out, reference, strict=True))
+    wider = _inputs(1) | {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32)}
+    assert np.array_equal(run(joined, wider), run(model, wider))  # still dynamic: no shape of the calibration baked in
+

@@ -384,6 +384,7 @@ def test_registry_lists_the_documented_generators() -> None:
         "tiny-sd15-single-file",
         "tiny-sd15-config",
         "tiny-sd35-transformer-fp16-overflow",
+        "tiny-sdxl-unet-activation-outliers",
     }
 
 
