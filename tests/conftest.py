@@ -91,7 +91,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     The signals tests send a real SIGTERM/SIGHUP to this process. Run after ~180 other tests (the family
     contract's builds among them) the process died of SIGSEGV at that moment, reproducibly (3 full runs on
-    2026-12-07, not diagnosed); first, they pass.
+    2026-12-07, not diagnosed); first, they pass. Under pytest-xdist (`--dist loadfile`, the default in
+    pyproject.toml) files are handed out in this order, so their file goes first to a fresh worker.
     """
     items.sort(key=lambda item: item.get_closest_marker("signals") is None)  # stable: the rest keep their order
     if os.environ.get("RUN_SLOW") == "1" or re.search(r"\bslow\b", config.option.markexpr or ""):
