@@ -54,6 +54,7 @@ def quantize_in_pieces(model: Any, samples: Sequence[dict[str, Any]], parts: int
     import openvino as ov
 
     from convert.memory import release_memory
+    from validate.host import compile_on_host
     from validate.pieces import split
 
     pieces = split(model, parts)
@@ -64,7 +65,8 @@ def quantize_in_pieces(model: Any, samples: Sequence[dict[str, Any]], parts: int
     for index, piece in enumerate(pieces):
         names = {op.get_friendly_name() for op in piece.model.get_ops()}
         piece_samples = [{name: v[name] for name in piece.inputs} for v in values]
-        compiled = core.compile_model(piece.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        # as the gate compiles (validate/host.py: the AVX2 register-pool retry)
+        compiled = compile_on_host(core, piece.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).compiled
         request = compiled.create_infer_request()
         for v, inputs in zip(values, piece_samples, strict=True):
             request.infer(inputs)
