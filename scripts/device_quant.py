@@ -7,7 +7,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / ".device" / "site"), str(ROOT / ".site"), str(ROOT)]  # .device/ is git-ignored: kept between calls
 import numpy as np
 OUT = ROOT / ".device" / "models"
-OUT.mkdir(parents=True, exist_ok=True)
 
 
 def peak():
@@ -187,19 +186,16 @@ def render(data):
         f"stays at cosine {by[('full', 'bf16')][0]['cosine_vs_f32']} vs f32 on seeded weights (a check that nothing "
         "broke; the image quality per mode is measured on the tiny pipelines above, where full int8 passes the gate "
         "at SSIM 0.986-0.987). bf16 compute alone is "
-        f"{med[('f32', 'f32')] / med[('f32', 'bf16')]:.2f}x faster than f32 on AMX. The VAE decode was not re-timed "
-        "this session: an earlier session measured it at 1024x1024 on this Xeon at 9.5-10.2 s f32, 3.0-3.2 s bf16 "
-        "(`../shared/notes/openvino-facts.md`).",
+        f"{med[('f32', 'f32')] / med[('f32', 'bf16')]:.2f}x faster than f32 on AMX. The VAE decode at bf16 vs f32 is "
+        "timed in the section on optimum-intel below (3.0x faster at bf16).",
         "",
         f"Memory: `nncf.quantize` given the whole UNet for full int8 peaked at {q['full']['peak_rss_gib']} GiB "
         f"({q['full']['peak_rss_gib'] * 2**30 / (data['build']['params_b'] * 1e9):.1f} bytes per parameter, "
         f"{q['full']['quantize_s'] / 60:.1f} min on 16 cores), hybrid at {q['hybrid']['peak_rss_gib']} GiB: more than "
         "the 12 GiB limit of issue 18 and than a 24 GiB machine (the OOM kills on the 2-core EPYC above). So the product "
         "quantizes a denoiser this big in pieces (next section: 6.66 GiB), and `--plan` counts these bytes per "
-        "parameter for one piece (convert/budget.py `QUANTIZE_PER_PARAM`). optimum-cli's own quantized export was "
-        "not run on the device (its calibration is a 50-step pipeline generation it would run from downloaded "
-        "weights; the 30-minute "
-        "device budget went to the rows above).",
+        "parameter for one piece (convert/budget.py `QUANTIZE_PER_PARAM`). optimum-intel's own full int8 of the "
+        "same UNet is timed against ours in the section \"Issue 21: our full int8 against optimum-intel's\" below.",
     ]
     return "\n".join(text)
 
@@ -270,6 +266,7 @@ def store(path, key="issue21-device"):
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
+    OUT.mkdir(parents=True, exist_ok=True)
     if cmd == "store":  # on the dev machine: python scripts/device_quant.py store RUNS.json (the RESULT lines gathered)
         # store [RUNS.json] [issue21-device | issue21-pieces]
         store(sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None, *sys.argv[3:4])

@@ -44,3 +44,15 @@ def test_a_partial_run_footnotes_the_rows_of_an_earlier_day() -> None:
     assert ("Measured (UTC): optimum-fp16, ours-int8, optimum-int8 on 2026-11-26 (from BENCHMARKS.md of 2026-11-26); "
             "ours-fp16 on 2026-12-05.") in text
     assert "| ours-fp16 | all fp16 | 0 | 94 s |" in text  # the new row itself renders like any other
+
+
+def test_the_device_sections_are_rendered_from_their_stored_runs() -> None:
+    """The device machine's sections (scripts/device_quant.py, device_optimum.py) re-render from the RESULT lines
+    kept in BENCHMARKS.json, so their prose and numbers cannot drift apart by hand."""
+    import device_optimum
+    import device_quant
+
+    notes = _results()["notes"]
+    assert device_quant.render(notes["issue21-device"]["data"]) == notes["issue21-device"]["markdown"]
+    assert device_quant.render_pieces(notes["issue21-pieces"]["data"]) == notes["issue21-pieces"]["markdown"]
+    assert device_optimum.render(notes["issue21-optimum"]["data"]) == notes["issue21-optimum"]["markdown"]
