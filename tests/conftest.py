@@ -46,21 +46,7 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "::1"]
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="sdxl-ov-tests-"))
 HUB_SERVER = HubServer(root=SESSION_DIR / "hub")
 HUB_SERVER.start()
-# One component cache (exported submodels, keyed by their inputs) shared by every process of one run: pytest-xdist's
-# workers inherit the controller's environment, and the CLI children of tests inherit theirs. Dozens of tests build
-# the same tiny submodels; with the cache a repeated tiny build exports nothing (65 -> 41 s) and each export still
-# runs, once per run, and is checked against its sha256s when reused. A developer's own cache never leaks in: the
-# folder is this run's. Tests about the cache itself (its location, reuse, tampering, disk space) and the family
-# builds mark their module `own_component_cache` and build with the default <artifacts>/cache.
-# Not shared: OpenVINO's compiled-model cache (CACHE_DIR) for the gate's compiles, tried 2026-12-07: the overflow
-# VAE compiled at a bf16 hint came back all NaN from it (tests/test_precision.py::test_bf16_hides_the_overflow),
-# finite without it.
-SHARED_ENV = "SDXL_TESTS_SHARED_DIR"
-if not os.environ.get(SHARED_ENV):  # the run's first process (xdist's controller, or the only one) makes them
-    os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="sdxl-ov-shared-")
-    atexit.register(shutil.rmtree, os.environ[SHARED_ENV], ignore_errors=True)
-SHARED_DIR = Path(os.environ[SHARED_ENV])
-os.environ["SDXL_CONVERT_CACHE"] = str(SHARED_DIR / "components")
+os.environ.pop("SDXL_CONVERT_CACHE", None)  # a developer's component cache must not leak into (or from) tests
 
 
 def _shutdown() -> None:
@@ -95,8 +81,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hub: talks to the local Hub-compatible test server")
     config.addinivalue_line("markers", "slow: full-size or long-running; opt in with -m slow or RUN_SLOW=1")
     config.addinivalue_line("markers", "signals: sends a real signal to the test process (run first)")
-    config.addinivalue_line("markers", "own_component_cache: the default component cache (<artifacts>/cache), not "
-                            "the run's shared one")
     if hasattr(config.option, "allow_hosts") and not config.option.allow_hosts:
         config.option.allow_hosts = ",".join(ALLOWED_HOSTS)
         config.option.allow_unix_socket = True
@@ -137,13 +121,6 @@ def new_repo_id(request: pytest.FixtureRequest) -> str:
     """A repo id no other test uses (not created): ``test-user/<test name>-<random>``."""
     stem = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name).strip("-")[:60]
     return f"{DEFAULT_USER}/{stem}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(autouse=True)
-def _component_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests marked `own_component_cache` build with the default cache location (no SDXL_CONVERT_CACHE)."""
-    if request.node.get_closest_marker("own_component_cache") is not None:
-        monkeypatch.delenv("SDXL_CONVERT_CACHE", raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -190,9 +167,8 @@ def family_build(artifacts_root: Path):  # -> Callable[[str], convert.build.Buil
 
     def get(family: str):  # type: ignore[no-untyped-def]
         if family not in built:
-            # the default cache location, named: which test builds first must not decide where it goes
             built[family] = build(PROJECT_ROOT / "recipes" / f"{TINY_RECIPES[family]}.yaml",
-                                  Workspace(artifacts=artifacts_root, cache=artifacts_root / "cache"))
+                                  Workspace(artifacts=artifacts_root))
         return built[family]
 
     return get

@@ -14,8 +14,6 @@ from validate import pieces
 from tests.test_faults import (  # noqa: F401 (mounted_tmpfs: a fixture)
     assert_nothing_written, local_recipe, mounted_tmpfs, nothing_changes_outside, one_error_line)
 
-pytestmark = pytest.mark.own_component_cache  # its builds use the default <artifacts>/cache
-
 SDXL = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684, "vae": 83_653_863}
 FLAGSHIP = {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"}
 

@@ -19,8 +19,6 @@ from test_faults import nothing_changes_outside, write_recipe
 
 from convert.cli import main
 
-pytestmark = pytest.mark.own_component_cache  # its builds use the default <artifacts>/cache
-
 OFF = "{export: false}"
 
 

@@ -25,8 +25,6 @@ from tests.tiny_recipes import TINY_RECIPES
 from tests.hub_server import DEFAULT_USER
 from validate.inputs import run_inputs
 
-pytestmark = pytest.mark.own_component_cache  # its builds use the default <artifacts>/cache
-
 NAMES = sorted(FAMILIES)
 GENAI = [name for name in NAMES if FAMILIES[name].genai_class]
 

@@ -25,8 +25,6 @@ import pytest
 from convert.cli import main
 from convert.workspace import PROJECT_ROOT, Workspace
 
-pytestmark = pytest.mark.own_component_cache  # its builds use the default <artifacts>/cache
-
 GENERATED_BASE = "generated: {generator: tiny-sdxl-base, seed: 0}"
 GENERATED_VAE = "generated: {generator: tiny-sdxl-vae-fp16-fix, seed: 0}"
 

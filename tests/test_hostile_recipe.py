@@ -13,8 +13,6 @@ import pytest
 
 from convert.cli import main
 
-pytestmark = pytest.mark.own_component_cache  # its builds use the default <artifacts>/cache
-
 GENERATED = "base: {generated: {generator: tiny-sdxl-base}}\n"
 HEAD = "schema_version: 1\nname: hostile\n"
 

@@ -16,8 +16,6 @@ from test_faults import nothing_changes_outside, one_error_line, write_recipe
 
 from convert.cli import main
 
-pytestmark = pytest.mark.own_component_cache  # its builds use the default <artifacts>/cache
-
 OFF = "{export: false}"
 VAE_ONLY = ("components:\n" + "".join(f"  {c}: {OFF}\n" for c in (
     "text_encoder", "text_encoder_2", "unet", "tokenizer", "tokenizer_2", "vae_encoder"))

@@ -19,7 +19,7 @@ from convert.lockfile import diff_locks
 if TYPE_CHECKING:
     from hub_server import HubServer
 
-pytestmark = [pytest.mark.own_component_cache, pytest.mark.hub, pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")]
+pytestmark = [pytest.mark.hub, pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")]
 
 DOWNLOADS = ("GET",)
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from huggingface_hub import HfApi
     from hub_server import HubServer
 
-pytestmark = [pytest.mark.own_component_cache, 
+pytestmark = [
     pytest.mark.hub,
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
