@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / ".device" / "site"), str(ROOT)]  # .device/ is git-ignored: kept between calls
 import numpy as np  # noqa: E402
+from device_quant import _steady, peak  # noqa: E402  (scripts/ is on sys.path: the script's own folder)
 
 TINY = os.environ.get("QB_SHAPE") == "tiny"
 OUT = ROOT / ".device" / ("optimum-tiny" if TINY else "optimum")
@@ -32,13 +33,6 @@ CALLS = int(os.environ.get("QB_CALLS", "8"))  # calibration UNet calls, both too
 PROMPTS = 4  # ours: 4 prompts x 2 steps = 8 calls; optimum: the first 8 calls of its first 50-step prompt
 UNETS = {"f32": F32 / "unet" / "openvino_model.xml", "weights": OUT / "unet_weights.xml",
          "ours_full": OUT / "unet_ours_full.xml", "opt_full": OUT / "opt_full" / "unet" / "openvino_model.xml"}
-
-
-def peak() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 2**20, 2)
-    return 0.0
 
 
 def prompts() -> list[str]:
@@ -219,11 +213,6 @@ def timed(variant: str, hint: str) -> dict:
         r = np.load(ref).astype(np.float64); cos = round(float(out @ r / np.linalg.norm(out) / np.linalg.norm(r)), 6)
     return {"what": "unet", "variant": variant, "hint": hint, "compile_s": round(compile_s, 1),
             "runs_s": [round(r, 2) for r in runs], "cosine_vs_f32_ir": cos}
-
-
-def _steady(rows: list[dict]) -> list[float]:
-    """Every call after a process's first (its first includes one-off allocations)."""
-    return [t for r in rows for t in r["runs_s"][1:]]
 
 
 def render(data: dict) -> str:
