@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / ".device" / "site"), str(ROOT)]  # .device/ is git-ignored: kept between calls
+if __name__ == "__main__":  # run as a script (on the device): its wheels, then the project; imported (tests): nothing
+    sys.path[:0] = [str(ROOT / ".device" / "site"), str(ROOT)]  # .device/ is git-ignored: kept between calls
 import numpy as np  # noqa: E402
 from device_quant import _steady, peak  # noqa: E402  (scripts/ is on sys.path: the script's own folder)
 

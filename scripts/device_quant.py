@@ -4,7 +4,8 @@ store RUNS.json (here: the RESULT lines gathered into BENCHMARKS.json's notes an
 import sys, time, json, os
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / ".device" / "site"), str(ROOT / ".site"), str(ROOT)]  # .device/ is git-ignored: kept between calls
+if __name__ == "__main__":  # run as a script (on the device): its wheels, then the project; imported (tests): nothing
+    sys.path[:0] = [str(ROOT / ".device" / "site"), str(ROOT)]  # .device/ is git-ignored: kept between calls
 import numpy as np
 OUT = ROOT / ".device" / "models"
 
