@@ -228,13 +228,17 @@ def nncf_arguments(settings: ComponentSettings) -> dict[str, Any]:
     return kwargs
 
 
-#: int8 weight compression runs in this many passes over disjoint sets of layers (see `compress_weights`).
+#: int8 weight compression runs in this many passes over disjoint sets of layers (see `compress_weights`) ...
 INT8_PASSES = 4
+#: ... when the weights to compress are at least this large. The passes bound the peak of big models; each
+#: costs NNCF's fixed work again (the tiny UNet: 4 passes 9.0 s, one 5.3 s, the same constants), which a
+#: few-MB model gains nothing from. Every real SDXL/SD3/SD1.5 submodel with int8 weights is above it.
+PASSES_FROM_BYTES = 256 * 2**20
 _WEIGHTED_OPS = frozenset({"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData", "Gather"})
 
 
 def compress_weights(model: Any, name: str, settings: ComponentSettings, passes: int = INT8_PASSES,
-                     only: set[str] | None = None) -> Any:
+                     only: set[str] | None = None, passes_from_bytes: int = PASSES_FROM_BYTES) -> Any:
     """NNCF weight compression as the recipe says (fp32 stays; fp16 is applied on save).
 
     A denoiser with int8 activations (`quantization.mode` hybrid/full) is exported unquantized:
@@ -243,7 +247,8 @@ def compress_weights(model: Any, name: str, settings: ComponentSettings, passes:
     int8 modes compress each layer from its own weights alone, so compressing the layers in
     `passes` disjoint batches gives the same model as one call; but between batches the
     replaced fp16/fp32 weights are released, so the originals and their int8 copies never
-    coexist in full (one call on the SDXL UNet peaked at 9.4 GiB). int4 picks layers by
+    coexist in full (one call on the SDXL UNet peaked at 9.4 GiB). Weights under
+    `passes_from_bytes` take one call. int4 picks layers by
     global ranking (ratio, backup layers), so it runs in one call.
     """
     if settings.weights not in ("int8", "int4") or (only is None and settings.quantized_activations()):
@@ -251,6 +256,8 @@ def compress_weights(model: Any, name: str, settings: ComponentSettings, passes:
     import nncf
 
     kwargs = nncf_arguments(settings)
+    if sum(size for _, size in _weighted_ops(model, only)) < passes_from_bytes:
+        passes = 1
     batches = weight_batches(model, passes, only) if settings.weights == "int8" else []
     if only is not None:  # the rest is ignored in every pass: its weights stay as they are
         batches = batches if len(batches) > 1 else [[op for batch in batches for op in batch]]
@@ -258,6 +265,7 @@ def compress_weights(model: Any, name: str, settings: ComponentSettings, passes:
         if len(batches) < 2 and only is None:
             return nncf.compress_weights(model, **kwargs)
         every = weight_batches(model, 1)[0] if batches else []  # listed once: compressed ops no longer look weighted
+        log.debug("%s: %s weights in %d pass(es)", name, settings.weights, len(batches))
         for batch in batches:
             chosen = set(batch)
             ignored = nncf.IgnoredScope(names=[op for op in every if op not in chosen], validate=False)
@@ -274,12 +282,7 @@ def compress_weights(model: Any, name: str, settings: ComponentSettings, passes:
 def weight_batches(model: Any, passes: int, only: set[str] | None = None) -> list[list[str]]:
     """Names of the ops with constant weights (of `only`, if given), in graph order, cut into `passes`
     batches of similar bytes."""
-    weighted: list[tuple[str, int]] = []
-    for op in model.get_ordered_ops():
-        if op.get_type_name() in _WEIGHTED_OPS and (only is None or op.get_friendly_name() in only):
-            size = sum(_constant_bytes(op.input_value(i).get_node()) for i in range(op.get_input_size()))
-            if size:
-                weighted.append((op.get_friendly_name(), size))
+    weighted = _weighted_ops(model, only)
     total = sum(size for _, size in weighted)
     batches: list[list[str]] = [[] for _ in range(max(1, min(passes, len(weighted))))]
     done = 0
@@ -287,6 +290,17 @@ def weight_batches(model: Any, passes: int, only: set[str] | None = None) -> lis
         batches[min(len(batches) - 1, done * len(batches) // max(total, 1))].append(op_name)
         done += size
     return [b for b in batches if b]
+
+
+def _weighted_ops(model: Any, only: set[str] | None = None) -> list[tuple[str, int]]:
+    """(name, weight bytes) of the ops with constant weights (of `only`, if given), in graph order."""
+    weighted: list[tuple[str, int]] = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in _WEIGHTED_OPS and (only is None or op.get_friendly_name() in only):
+            size = sum(_constant_bytes(op.input_value(i).get_node()) for i in range(op.get_input_size()))
+            if size:
+                weighted.append((op.get_friendly_name(), size))
+    return weighted
 
 
 def _constant_bytes(node: Any) -> int:

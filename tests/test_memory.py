@@ -1,12 +1,14 @@
-"""Giving back the pages of mapped weight files (convert/memory.py) and compiled requests."""
+"""Giving back the pages of mapped weight files (convert/memory.py) and compiled requests; int8 compression in passes."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+import pytest
 
 from convert.memory import clean_mappings, release_memory
 from validate.pipeline_run import PartRequest
@@ -103,3 +105,26 @@ def test_one_at_a_time_keeps_tiny_parts_together_and_real_ones_alone() -> None:
     assert big.released == 1 and turns.holders == [text]
     turns.release()
     assert text.released == 2 and turns.holders == []
+
+
+def test_int8_weights_in_passes_are_the_weights_of_one_call(caplog: pytest.LogCaptureFixture) -> None:
+    """What keeps the SDXL UNet's int8 compression under its peak (`INT8_PASSES` batches of layers, the replaced
+    weights released between them) must not change a weight. The tiny UNet is small enough for one call
+    (`PASSES_FROM_BYTES`); here it is made to take the passes."""
+    from convert.export import INT8_PASSES, compress_weights
+    from convert.recipe import ComponentSettings
+    from tests.test_unet_gate import _ir
+
+    settings = ComponentSettings.model_validate({"weights": "int8", "nncf": {"mode": "int8_asym"}})
+    model = _ir(False)
+    one = compress_weights(model.clone(), "unet", settings)
+    with caplog.at_level(logging.DEBUG, logger="convert.export"):
+        passes = compress_weights(model.clone(), "unet", settings, passes_from_bytes=0)
+    assert f"unet: int8 weights in {INT8_PASSES} pass(es)" in caplog.messages
+
+    def constants(m: ov.Model) -> dict[str, np.ndarray]:
+        return {op.get_friendly_name(): op.get_data() for op in m.get_ops() if op.get_type_name() == "Constant"}
+
+    a, b = constants(one), constants(passes)
+    assert sum(v.dtype == np.uint8 for v in a.values()) > 50  # compressed, both
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
