@@ -3,6 +3,8 @@ its unscaled twin passes, and both agree at f32 (the overflow is invisible in f3
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import openvino as ov
 import pytest
@@ -39,6 +41,13 @@ def _inputs(step: int) -> dict[str, np.ndarray]:
 
 
 def _ir(overflow: bool) -> ov.Model:
+    """The tiny UNet as IR, a fresh copy per call (callers change names and runtime info): converted once per
+    process, as tracing and converting it costs ~16 s and four test files use it."""
+    return _converted_unet(overflow).clone()
+
+
+@functools.cache
+def _converted_unet(overflow: bool) -> ov.Model:
     wrapper = _Unet(build_tiny_unet(0, overflow=overflow)).eval()
     example = {k: torch.from_numpy(v) for k, v in _inputs(0).items()}
     with torch.no_grad():
