@@ -232,7 +232,8 @@ def nncf_arguments(settings: ComponentSettings) -> dict[str, Any]:
 INT8_PASSES = 4
 #: ... when the weights to compress are at least this large. The passes bound the peak of big models; each
 #: costs NNCF's fixed work again (the tiny UNet: 4 passes 9.0 s, one 5.3 s, the same constants), which a
-#: few-MB model gains nothing from. Every real SDXL/SD3/SD1.5 submodel with int8 weights is above it.
+#: few-MB model gains nothing from. The real UNets, transformers, T5 and OpenCLIP-bigG are GiBs, far above it;
+#: CLIP-L (~235 MiB at fp16) and the VAE (~160 MiB) are below, where one call adds at most their int8 copy.
 PASSES_FROM_BYTES = 256 * 2**20
 _WEIGHTED_OPS = frozenset({"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData", "Gather"})
 

@@ -51,7 +51,7 @@ os.environ.pop("SDXL_CONVERT_CACHE", None)  # a developer's component cache must
 # A home of the session's own, holding OpenVINO's telemetry opt-out (the file `opt_in_out --opt_out` writes;
 # NNCF and ov.convert_model read it from $HOME): by default they send usage events, each from a freshly
 # forked copy of the test process (~270 forks in one tiny build, all refused by the network guard below).
-# Measured on 3 gate test files: 140 s -> 94 s (sys 52 s -> 15 s). It also keeps the client id and stats
+# Measured on 3 gate test files: 140 s -> 97 s (sys 52 s -> 15 s). It also keeps the client id and stats
 # files they write out of the developer's home.
 SESSION_HOME = SESSION_DIR / "home"
 (SESSION_HOME / "intel").mkdir(parents=True)
