@@ -37,8 +37,10 @@ if "huggingface_hub" in sys.modules:
 
 try:  # tests/ may or may not become a package; support both import modes
     from .hub_server import DEFAULT_USER, HubServer
+    from .tiny_recipes import FAMILY_BUILD_FILES
 except ImportError:
     from hub_server import DEFAULT_USER, HubServer
+    from tiny_recipes import FAMILY_BUILD_FILES
 
 HF_TEST_TOKEN = "hf_dummy_test_token"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "::1"]
@@ -115,6 +117,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-untyped-def]
+    """`--dist loadfile` (pyproject.toml's default), except that the files reading a family's session build are one
+    scope (`FAMILY_BUILD_FILES`), so each family is built once per run, not in both workers (the SDXL and SD3 tiny
+    builds were made twice, ~50 and ~30 s). `--dist loadgroup` with marks would say this, but with pytest 9.2 and
+    pytest-xdist 3.8 it hands out single tests (xdist tags `item._nodeid`, which pytest 9.2 no longer reads)."""
+    if config.getvalue("dist") != "loadfile":
+        return None  # another --dist asked for: xdist's own scheduler
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFamilyBuilds(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "family builds" if Path(file).name in FAMILY_BUILD_FILES else file
+
+    return SharedFamilyBuilds(config, log)
 
 
 @pytest.fixture(scope="session")

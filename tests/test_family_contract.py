@@ -21,7 +21,7 @@ from convert.cli import main
 from convert.families import FAMILIES
 from convert.package import MANIFEST
 from convert.workspace import PROJECT_ROOT
-from tests.tiny_recipes import TINY_RECIPES
+from tests.tiny_recipes import FAMILY_BUILD_FILES, TINY_RECIPES
 from tests.hub_server import DEFAULT_USER
 from validate.inputs import run_inputs
 
@@ -35,6 +35,13 @@ def test_every_registered_family_has_a_tiny_recipe() -> None:
     assert set(TINY_RECIPES) == set(FAMILIES)
     for name, recipe in TINY_RECIPES.items():
         assert load_recipe(PROJECT_ROOT / "recipes" / f"{recipe}.yaml").pipeline == name
+
+
+def test_every_file_reading_a_session_build_is_scheduled_with_the_others(request: pytest.FixtureRequest) -> None:
+    """conftest's xdist scheduler runs FAMILY_BUILD_FILES in one worker; a file reading a session build but missing
+    from that list would build its families again in the other worker."""
+    readers = {item.path.name for item in request.session.items if "family_build" in getattr(item, "fixturenames", ())}
+    assert "test_family_contract.py" in readers and readers <= FAMILY_BUILD_FILES, readers - FAMILY_BUILD_FILES
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,3 +11,11 @@ TINY_RECIPES = {
     "stable-diffusion-v1": "tiny-sd15",
     "latent-consistency-model": "tiny-sd15-lcm",
 }
+
+#: The test files that read a session build (`family_build`, `tiny_build`). tests/conftest.py schedules them as one
+#: pytest-xdist scope, so each family is built once per run, not once in each worker that meets it;
+#: test_family_contract.py fails if a file reads a session build without being listed here.
+FAMILY_BUILD_FILES = frozenset({
+    "test_build_info.py", "test_build_tiny.py", "test_family_contract.py", "test_gate_guidance.py", "test_headline.py",
+    "test_hostile_recipe.py", "test_sd15.py", "test_sd3.py", "test_sdxl_refiner.py",
+})
