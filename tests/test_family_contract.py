@@ -41,7 +41,9 @@ def test_every_file_reading_a_session_build_is_scheduled_with_the_others(request
     """conftest's xdist scheduler runs FAMILY_BUILD_FILES in one worker; a file reading a session build but missing
     from that list would build its families again in the other worker."""
     readers = {item.path.name for item in request.session.items if "family_build" in getattr(item, "fixturenames", ())}
-    assert "test_family_contract.py" in readers and readers <= FAMILY_BUILD_FILES, readers - FAMILY_BUILD_FILES
+    if not readers:  # -k/-m left none of them in this run: nothing to schedule
+        pytest.skip("no selected test reads a session build")
+    assert readers <= FAMILY_BUILD_FILES, readers - FAMILY_BUILD_FILES
 
 
 @pytest.mark.parametrize("name", NAMES)
