@@ -9,8 +9,10 @@ what `optimum-cli export openvino --quant-mode int8 --dataset ...` runs). Then o
 (batch 2) per IR, each in its own process, and the VAE decode at 1024 at f32 and bf16.
 
 Usage, on the device (one command per step, in this order):
-  export | vae HINT | ours_calib | ours_quant | opt_calib | opt_quant | weights | time VARIANT HINT
-and here: store RUNS.json (the RESULT lines gathered) -> BENCHMARKS.json notes "issue21-optimum".
+  export | vae HINT | ours_calib | ours_quant [full|hybrid] | opt_calib | opt_quant [full|hybrid] | weights |
+  time VARIANT HINT  (VARIANT: f32, weights, ours_full, opt_full, ours_hybrid, opt_hybrid)
+and here: store full|hybrid RUNS.json (the RESULT lines gathered) -> BENCHMARKS.json notes "issue21-optimum" or
+"issue21-optimum-hybrid".
 QB_SHAPE=tiny runs the same steps on the tiny pipeline (a check of the script, not a measurement).
 """
 import json
@@ -32,8 +34,10 @@ SIDE = 64 if TINY else 1024  # timing resolution
 CALIB_SIDE = 64 if TINY else 512  # optimum calibrates at min(native, 512)
 CALLS = int(os.environ.get("QB_CALLS", "8"))  # calibration UNet calls, both tools
 PROMPTS = 4  # ours: 4 prompts x 2 steps = 8 calls; optimum: the first 8 calls of its first 50-step prompt
+MODES = ("full", "hybrid")  # the quantization modes both tools offer with activations
 UNETS = {"f32": F32 / "unet" / "openvino_model.xml", "weights": OUT / "unet_weights.xml",
-         "ours_full": OUT / "unet_ours_full.xml", "opt_full": OUT / "opt_full" / "unet" / "openvino_model.xml"}
+         **{f"ours_{m}": OUT / f"unet_ours_{m}.xml" for m in MODES},
+         **{f"opt_{m}": OUT / f"opt_{m}" / "unet" / "openvino_model.xml" for m in MODES}}
 
 
 def prompts() -> list[str]:
@@ -114,23 +118,28 @@ def ours_calib() -> dict:
             "seconds": round(seconds, 1)}
 
 
-def ours_quant() -> dict:
+def ours_quant(mode: str = "full") -> dict:
+    """The product's quantization of the UNet (in pieces) from the calls ours_calib recorded."""
     import openvino as ov
     from convert.quantize import quantize_model
     from convert.recipe import ComponentSettings, QuantizationSettings
     model = ov.Core().read_model(UNETS["f32"])
     t = time.time()
-    quantized = quantize_model(model, QuantizationSettings(mode="full"), ComponentSettings(weights="int8"),
+    quantized = quantize_model(model, QuantizationSettings(mode=mode), ComponentSettings(weights="int8"),
                                load_calls(OUT / "ours_calls.npz"), notify=lambda line: print(line, flush=True),
                                piece_bytes=2**20 if TINY else None)
     seconds = time.time() - t
-    ov.save_model(quantized, UNETS["ours_full"], compress_to_fp16=False)
-    return {"what": "ours_quant", "seconds": round(seconds, 1),
-            "ir_gib": round(UNETS["ours_full"].with_suffix(".bin").stat().st_size / 2**30, 3)}
+    ov.save_model(quantized, UNETS[f"ours_{mode}"], compress_to_fp16=False)
+    return {"what": "ours_quant", "mode": mode, "seconds": round(seconds, 1),
+            "ir_gib": round(UNETS[f"ours_{mode}"].with_suffix(".bin").stat().st_size / 2**30, 3)}
 
 
-def _optimum_config():
-    from optimum.intel import OVQuantizationConfig
+def _optimum_config(mode: str = "full"):
+    """What `optimum-cli export openvino` builds for `--quant-mode int8` (full) or `--weight-format int8
+    --quant-mode hybrid`-style hybrid (`OVWeightQuantizationConfig(quant_method="hybrid")`), given our prompts."""
+    from optimum.intel import OVQuantizationConfig, OVWeightQuantizationConfig
+    if mode == "hybrid":
+        return OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=prompts(), num_samples=CALLS)
     return OVQuantizationConfig(bits=8, dataset=prompts(), num_samples=CALLS)
 
 
@@ -147,19 +156,22 @@ def opt_calib() -> dict:
             "shapes": {k: list(np.asarray(v).shape) for k, v in calls[0].items()}}
 
 
-def opt_quant() -> dict:
+def opt_quant(mode: str = "full") -> dict:
+    """optimum-intel's quantization of the pipeline (the UNet whole) from the calls opt_calib collected: its
+    dataset builder collects the UNet's calls the same way for the full and the hybrid config."""
     import nncf
     from optimum.intel import OVConfig, OVQuantizer, OVStableDiffusionXLPipeline
     from optimum.intel.openvino.quantization import OVCalibrationDataset
     pipe = OVStableDiffusionXLPipeline.from_pretrained(F32, compile=False)
-    config = _optimum_config()
+    config = _optimum_config(mode)
     dataset = OVCalibrationDataset({"unet": nncf.Dataset(load_calls(OUT / "opt_calls.npz"))})
-    config.dataset = None  # the calls collected by opt_calib from this same config
+    config.dataset = None  # the calls collected by opt_calib
     t = time.time()
     OVQuantizer(pipe).quantize(ov_config=OVConfig(quantization_config=config), calibration_dataset=dataset,
-                               save_directory=OUT / "opt_full")
-    return {"what": "opt_quant", "seconds": round(time.time() - t, 1), "note": "UNet full int8 + int8 weights elsewhere",
-            "ir_gib": round(UNETS["opt_full"].with_suffix(".bin").stat().st_size / 2**30, 3)}
+                               save_directory=OUT / f"opt_{mode}")
+    return {"what": "opt_quant", "mode": mode, "seconds": round(time.time() - t, 1),
+            "note": f"UNet {mode} int8 + int8 weights elsewhere",
+            "ir_gib": round(UNETS[f"opt_{mode}"].with_suffix(".bin").stat().st_size / 2**30, 3)}
 
 
 def weights() -> dict:
@@ -280,15 +292,77 @@ def render(data: dict) -> str:
     ])
 
 
-def store(path: Path | None) -> None:
-    """Write the section into BENCHMARKS.json's notes ("issue21-optimum") and re-render BENCHMARKS.md."""
+def render_hybrid(data: dict) -> str:
+    """BENCHMARKS.md's hybrid section from the RESULT lines of its device runs."""
+    import statistics
+    one = {r["cmd"]: r for r in data["rows"] if r["cmd"] != "time"}
+    unet: dict[str, list[dict]] = {}
+    for r in data["rows"]:
+        if r["cmd"] == "time":
+            unet.setdefault(r["variant"], []).append(r)
+    med = {k: statistics.median(_steady(v)) for k, v in unet.items()}
+    # a process timed before the f32 IR's in the first round had no reference output yet to compare with
+    cos = {k: next((r["cosine_vs_f32_ir"] for r in v if r["cosine_vs_f32_ir"] is not None), None) for k, v in unet.items()}
+    names = {"f32": "f32 IR (optimum's export), bf16 compute", "weights": "int8 weights (optimum-cli `--weight-format int8`: "
+             "INT8_ASYM)", "opt_hybrid": "**hybrid int8, optimum-intel** (`OVQuantizer`, whole UNet)",
+             "ours_hybrid": "**hybrid int8, ours** (`convert.quantize`, in pieces)"}
+    rows = ["| UNet, bf16 hint | processes, steady calls | step, median (range) | vs int8 weights | vs optimum's hybrid | "
+            "compile | cosine vs f32 IR at bf16 |", "|---|---|---|---|---|---|---|"]
+    for v in ("f32", "weights", "opt_hybrid", "ours_hybrid"):
+        calls = _steady(unet[v])
+        rows.append(f"| {names[v]} | {len(unet[v])}, {len(calls)} | {med[v]:.2f} s ({min(calls):.2f}-"
+                    f"{max(calls):.2f}) | {med['weights'] / med[v]:.2f}x | {med['opt_hybrid'] / med[v]:.2f}x | "
+                    f"{statistics.median(r['compile_s'] for r in unet[v]):.1f} s | {cos[v]} |")
+    oc, oq, pc, pq = one["ours_calib"], one["ours_quant"], one["opt_calib"], one["opt_quant"]
+    prep = ["", "| step | ours | optimum-intel |", "|---|---|---|",
+            f"| calibration: {oc['calls']} UNet calls at {oc['side']}x{oc['side']} (batch 2), the repository's prompts | "
+            f"{oc['seconds']} s, peak {oc['peak_rss_gib']} GiB ({oc['prompts']} prompts x {oc['steps']} steps, f32) | "
+            f"{pc['seconds']} s, peak {pc['peak_rss_gib']} GiB (the first prompt's 50-step generation, its first "
+            f"{pc['calls']} calls kept) |",
+            f"| hybrid int8 quantization of the UNet | {oq['seconds']} s, **peak {oq['peak_rss_gib']} GiB** | "
+            f"{pq['seconds']} s, **peak {pq['peak_rss_gib']} GiB** (plus int8 weights of the other parts) |",
+            f"| UNet IR | {oq['ir_gib']} GiB | {pq['ir_gib']} GiB |"]
+    gap = (med["ours_hybrid"] / med["opt_hybrid"] - 1) * 100
+    return "\n".join([
+        f"On the device machine's host CPU ({data['machine']}), `scripts/device_optimum.py` (steps `ours_quant hybrid`, "
+        f"`opt_quant hybrid`), {data['measured_at'][:10]}: the same procedure as the full int8 comparison above, for "
+        "the hybrid mode (int8 weights for MatMuls and embeddings, int8 weights and activations for the convolutions; "
+        "both tools build it with optimum-intel's `_get_hybrid_mixed_quantization_config`): one full-size SDXL "
+        f"pipeline with seeded weights ({one['export']['unet_params_b']} B-parameter UNet) exported once at f32 by "
+        "optimum-intel, then ours (`convert.quantize.calibration_samples` + `quantize_model`, in pieces) and "
+        "optimum-intel's (`OVWeightQuantizationConfig(bits=8, quant_method=\"hybrid\", dataset=<the prompts>, "
+        f"num_samples={pc['calls']})` through `OVQuantizer`, the whole UNet) from the same prompt list. One step = one "
+        "UNet call at 1024x1024 (batch 2), each IR in its own process after a first call, the variants taking turns.",
+        "", *rows, *prep, "",
+        f"Our hybrid UNet runs a step in {med['ours_hybrid']:.2f} s, optimum-intel's in {med['opt_hybrid']:.2f} s: ours "
+        f"{abs(gap):.0f} % {'slower' if gap > 0 else 'faster'} at the median, per call {min(_steady(unet['ours_hybrid'])):.2f}-"
+        f"{max(_steady(unet['ours_hybrid'])):.2f} s against {min(_steady(unet['opt_hybrid'])):.2f}-"
+        f"{max(_steady(unet['opt_hybrid'])):.2f} s (the graphs are the same config; the calibration calls differ, and "
+        "ours is quantized in pieces, which adds a quantizer where an activation crosses a cut). Against weight-only int8: ours "
+        f"{med['weights'] / med['ours_hybrid']:.2f}x, optimum's {med['weights'] / med['opt_hybrid']:.2f}x. Quantizing: "
+        f"ours peaked at {oq['peak_rss_gib']} GiB, optimum-intel at {pq['peak_rss_gib']} GiB. Output cosine vs the f32 IR "
+        f"at bf16: ours {cos['ours_hybrid']}, optimum's {cos['opt_hybrid']} "
+        "(seeded weights: a check that nothing broke; image quality is judged by the gate on the tiny pipelines). This "
+        f"machine ran the unquantized IR at bf16 in {med['f32']:.2f} s, slower than the machine of the full int8 "
+        "section above: compare rows within one table.",
+    ])
+
+
+SECTIONS = {"full": ("issue21-optimum", "Issue 21: our full int8 against optimum-intel's, and bf16 VAE decode, on the "
+                     "device Xeon"),
+            "hybrid": ("issue21-optimum-hybrid", "Issue 21: our hybrid int8 against optimum-intel's, on the device Xeon")}
+
+
+def store(mode: str, path: Path | None) -> None:
+    """Write the section of `mode` into BENCHMARKS.json's notes and re-render BENCHMARKS.md."""
     import subprocess
+    key, title = SECTIONS[mode]
     bench = ROOT / "BENCHMARKS.json"
     results = json.loads(bench.read_text())
     notes = results.setdefault("notes", {})
-    data = json.loads(path.read_text()) if path else notes["issue21-optimum"]["data"]
-    notes["issue21-optimum"] = {"title": "Issue 21: our full int8 against optimum-intel's, and bf16 VAE decode, on the "
-                                "device Xeon", "markdown": render(data), "measured_at": data["measured_at"], "data": data}
+    data = json.loads(path.read_text()) if path else notes[key]["data"]
+    markdown = render(data) if mode == "full" else render_hybrid(data)
+    notes[key] = {"title": title, "markdown": markdown, "measured_at": data["measured_at"], "data": data}
     bench.write_text(json.dumps(results, indent=2) + "\n")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--render-only"], check=True)
 
@@ -296,8 +370,8 @@ def store(path: Path | None) -> None:
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     OUT.mkdir(parents=True, exist_ok=True)
-    if cmd == "store":
-        store(Path(args[0]) if args else None)
+    if cmd == "store":  # store full|hybrid [RUNS.json]
+        store(args[0], Path(args[1]) if len(args) > 1 else None)
         sys.exit(0)
     result = {"export": export, "vae": vae, "ours_calib": ours_calib, "ours_quant": ours_quant, "opt_calib": opt_calib,
               "opt_quant": opt_quant, "weights": weights, "time": timed}[cmd](*args)

@@ -56,3 +56,5 @@ def test_the_device_sections_are_rendered_from_their_stored_runs() -> None:
     assert device_quant.render(notes["issue21-device"]["data"]) == notes["issue21-device"]["markdown"]
     assert device_quant.render_pieces(notes["issue21-pieces"]["data"]) == notes["issue21-pieces"]["markdown"]
     assert device_optimum.render(notes["issue21-optimum"]["data"]) == notes["issue21-optimum"]["markdown"]
+    hybrid = notes["issue21-optimum-hybrid"]
+    assert device_optimum.render_hybrid(hybrid["data"]) == hybrid["markdown"]
