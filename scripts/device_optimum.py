@@ -228,25 +228,41 @@ def timed(variant: str, hint: str) -> dict:
             "runs_s": [round(r, 2) for r in runs], "cosine_vs_f32_ir": cos}
 
 
-def render(data: dict) -> str:
-    """BENCHMARKS.md's section from the RESULT lines of the device runs."""
-    import statistics
-    one = {r["cmd"] if r["cmd"] != "vae" else f"vae_{r['hint']}": r for r in data["rows"] if r["cmd"] != "time"}
+def _by_variant(data: dict) -> dict[str, list[dict]]:
+    """The `time` RESULT rows per UNet variant, in the order they ran."""
     unet: dict[str, list[dict]] = {}
     for r in data["rows"]:
         if r["cmd"] == "time":
             unet.setdefault(r["variant"], []).append(r)
+    return unet
+
+
+def _step_table(unet: dict[str, list[dict]], names: dict[str, str], optimum: str, optimum_label: str,
+                compile_text, cosine: dict) -> list[str]:  # type: ignore[no-untyped-def]
+    """The UNet step table: one row per variant of `names`, against weight-only int8 and optimum's variant."""
+    import statistics
+    med = {k: statistics.median(_steady(v)) for k, v in unet.items()}
+    rows = [f"| UNet, bf16 hint | processes, steady calls | step, median (range) | vs int8 weights | vs {optimum_label} | "
+            "compile | cosine vs f32 IR at bf16 |", "|---|---|---|---|---|---|---|"]
+    for v in names:
+        calls = _steady(unet[v])
+        rows.append(f"| {names[v]} | {len(unet[v])}, {len(calls)} | {med[v]:.2f} s ({min(calls):.2f}-"
+                    f"{max(calls):.2f}) | {med['weights'] / med[v]:.2f}x | {med[optimum] / med[v]:.2f}x | "
+                    f"{compile_text([r['compile_s'] for r in unet[v]])} s | {cosine[v]} |")
+    return rows
+
+
+def render(data: dict) -> str:
+    """BENCHMARKS.md's section from the RESULT lines of the device runs."""
+    import statistics
+    one = {r["cmd"] if r["cmd"] != "vae" else f"vae_{r['hint']}": r for r in data["rows"] if r["cmd"] != "time"}
+    unet = _by_variant(data)
     med = {k: statistics.median(_steady(v)) for k, v in unet.items()}
     names = {"f32": "f32 IR (optimum's export), bf16 compute", "weights": "int8 weights (optimum-cli `--weight-format int8`: "
              "INT8_ASYM)", "opt_full": "**full int8, optimum-intel** (`OVQuantizer`, whole UNet)",
              "ours_full": "**full int8, ours** (`convert.quantize`, 10 pieces)"}
-    rows = ["| UNet, bf16 hint | processes, steady calls | step, median (range) | vs int8 weights | vs optimum's full int8 | "
-            "compile | cosine vs f32 IR at bf16 |", "|---|---|---|---|---|---|---|"]
-    for v in ("f32", "weights", "opt_full", "ours_full"):
-        calls = _steady(unet[v])
-        rows.append(f"| {names[v]} | {len(unet[v])}, {len(calls)} | {med[v]:.2f} s ({min(calls):.2f}-"
-                    f"{max(calls):.2f}) | {med['weights'] / med[v]:.2f}x | {med['opt_full'] / med[v]:.2f}x | "
-                    f"{statistics.median(r['compile_s'] for r in unet[v])} s | {unet[v][0]['cosine_vs_f32_ir']} |")
+    rows = _step_table(unet, names, "opt_full", "optimum's full int8", lambda c: f"{statistics.median(c)}",
+                       {k: v[0]["cosine_vs_f32_ir"] for k, v in unet.items()})
     vf, vb = one["vae_f32"], one["vae_bf16"]
     vae_f, vae_b = statistics.median(vf["runs_s"][1:]), statistics.median(vb["runs_s"][1:])
     prep = ["", "| step | ours | optimum-intel |", "|---|---|---|",
@@ -296,23 +312,14 @@ def render_hybrid(data: dict) -> str:
     """BENCHMARKS.md's hybrid section from the RESULT lines of its device runs."""
     import statistics
     one = {r["cmd"]: r for r in data["rows"] if r["cmd"] != "time"}
-    unet: dict[str, list[dict]] = {}
-    for r in data["rows"]:
-        if r["cmd"] == "time":
-            unet.setdefault(r["variant"], []).append(r)
+    unet = _by_variant(data)
     med = {k: statistics.median(_steady(v)) for k, v in unet.items()}
     # a process timed before the f32 IR's in the first round had no reference output yet to compare with
     cos = {k: next((r["cosine_vs_f32_ir"] for r in v if r["cosine_vs_f32_ir"] is not None), None) for k, v in unet.items()}
     names = {"f32": "f32 IR (optimum's export), bf16 compute", "weights": "int8 weights (optimum-cli `--weight-format int8`: "
              "INT8_ASYM)", "opt_hybrid": "**hybrid int8, optimum-intel** (`OVQuantizer`, whole UNet)",
              "ours_hybrid": "**hybrid int8, ours** (`convert.quantize`, in pieces)"}
-    rows = ["| UNet, bf16 hint | processes, steady calls | step, median (range) | vs int8 weights | vs optimum's hybrid | "
-            "compile | cosine vs f32 IR at bf16 |", "|---|---|---|---|---|---|---|"]
-    for v in ("f32", "weights", "opt_hybrid", "ours_hybrid"):
-        calls = _steady(unet[v])
-        rows.append(f"| {names[v]} | {len(unet[v])}, {len(calls)} | {med[v]:.2f} s ({min(calls):.2f}-"
-                    f"{max(calls):.2f}) | {med['weights'] / med[v]:.2f}x | {med['opt_hybrid'] / med[v]:.2f}x | "
-                    f"{statistics.median(r['compile_s'] for r in unet[v]):.1f} s | {cos[v]} |")
+    rows = _step_table(unet, names, "opt_hybrid", "optimum's hybrid", lambda c: f"{statistics.median(c):.1f}", cos)
     oc, oq, pc, pq = one["ours_calib"], one["ours_quant"], one["opt_calib"], one["opt_quant"]
     prep = ["", "| step | ours | optimum-intel |", "|---|---|---|",
             f"| calibration: {oc['calls']} UNet calls at {oc['side']}x{oc['side']} (batch 2), the repository's prompts | "
