@@ -127,7 +127,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     OpenVINO and NNCF are imported (500k objects), ~20 walks per tiny build. The test modules, the
     libraries a build imports lazily and the collected items live as long as the process, so they are
     collected once and frozen here (`gc.freeze`): later walks see only what the tests create, which is
-    still collected as before.
+    still collected as before. Importing the build's libraries here costs a run of cheap tests alone
+    (recipes, CLI) ~2-3 s; every worker of the full suite imports them anyway. Importing them only where
+    collection brought torch in would miss the build-heavy files (test_gate.py collects without torch).
     """
     import gc
 
